@@ -1,0 +1,78 @@
+"""HybridCache: preallocated decoding state for a Jamba model.
+
+Attention layers keep K and V for up to `max_length` positions, (B, Hkv, max_length, hd), written in place;
+Mamba layers keep a conv state (B, K-1, Di) of the last conv inputs and an SSM state (B, Di, N) in fp32,
+updated in place. Nothing grows with torch.cat, so the buffers' addresses never change.
+`key_mask` (B, max_length) records which cached positions are real tokens (False = left padding).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class CacheFullError(RuntimeError):
+    pass
+
+
+class HybridCache:
+    def __init__(self, config, batch_size: int, max_length: int, device=None, dtype=torch.float32):
+        if batch_size <= 0 or max_length <= 0:
+            raise ValueError(f"cache needs batch_size > 0 and max_length > 0, got {batch_size}, {max_length}")
+        self.batch_size, self.max_length = batch_size, max_length
+        self.dtype = dtype
+        self.length = 0  # positions already processed (the same for every row: padding is on the left)
+        hd, kv = config.head_dim, config.num_key_value_heads
+        Di, N, K = config.mamba_inner_size, config.mamba_d_state, config.mamba_d_conv
+        self.key: dict[int, torch.Tensor] = {}
+        self.value: dict[int, torch.Tensor] = {}
+        self.conv: dict[int, torch.Tensor] = {}
+        self.ssm: dict[int, torch.Tensor] = {}
+        for i in config.attention_layer_ids:
+            self.key[i] = torch.zeros(batch_size, kv, max_length, hd, device=device, dtype=dtype)
+            self.value[i] = torch.zeros(batch_size, kv, max_length, hd, device=device, dtype=dtype)
+        for i in config.mamba_layer_ids:
+            self.conv[i] = torch.zeros(batch_size, K - 1, Di, device=device, dtype=dtype)
+            self.ssm[i] = torch.zeros(batch_size, Di, N, device=device, dtype=torch.float32)
+        self.key_mask = torch.ones(batch_size, max_length, device=device, dtype=torch.bool)
+        self.has_padding = False
+
+    def check_room(self, new_tokens: int) -> None:
+        if self.length + new_tokens > self.max_length:
+            raise CacheFullError(
+                f"cache holds {self.length} of {self.max_length} positions; {new_tokens} more do not fit "
+                f"(make the cache with a larger max_length)")
+
+    def update_kv(self, layer_idx: int, k, v):
+        """Write k, v (B, Hkv, T, hd) at the current position; return all keys and values so far."""
+        T = k.shape[2]
+        end = self.length + T
+        self.key[layer_idx][:, :, self.length:end] = k
+        self.value[layer_idx][:, :, self.length:end] = v
+        return self.key[layer_idx][:, :, :end], self.value[layer_idx][:, :, :end]
+
+    def record_mask(self, mask, T: int):
+        """Store the (B, T) mask of the new tokens; return the (B, length+T) key mask or None if no padding."""
+        if mask is not None:
+            self.key_mask[:, self.length:self.length + T] = mask
+            if not bool(mask.all()):
+                self.has_padding = True
+        else:
+            self.key_mask[:, self.length:self.length + T] = True
+        return self.key_mask[:, :self.length + T] if self.has_padding else None
+
+    def advance(self, T: int) -> None:
+        self.length += T
+
+    def reset(self) -> None:
+        self.length = 0
+        self.has_padding = False
+        self.key_mask.fill_(True)
+        for t in (*self.conv.values(), *self.ssm.values()):
+            t.zero_()
+
+    def nbytes(self) -> dict[str, int]:
+        kv = sum(t.numel() * t.element_size() for t in (*self.key.values(), *self.value.values()))
+        conv = sum(t.numel() * t.element_size() for t in self.conv.values())
+        ssm = sum(t.numel() * t.element_size() for t in self.ssm.values())
+        return {"kv": kv, "conv": conv, "ssm": ssm, "total": kv + conv + ssm}

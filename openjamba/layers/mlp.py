@@ -1,0 +1,15 @@
+import torch.nn.functional as F
+from torch import nn
+
+
+class MLP(nn.Module):
+    """Dense SwiGLU feed-forward: down(silu(gate x) * up x)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

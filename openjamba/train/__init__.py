@@ -1,0 +1,1 @@
+"""Training: token shards, tokenizer, trainer, distributed wrappers."""
