@@ -57,7 +57,7 @@ class JambaConfig:
     extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.mamba_dt_rank == "auto":
+        if self.mamba_dt_rank == "auto" and type(self.hidden_size) is int:
             self.mamba_dt_rank = math.ceil(self.hidden_size / 16)
         self.validate()
 

@@ -17,20 +17,26 @@ import torch
 import torch.nn.functional as F
 
 
+def _acc(t):
+    """Accumulation dtype: fp32, or fp64 for fp64 inputs (so tests can compare tightly)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def _prepare(u, delta, A, B, C, D_skip, z, delta_bias, delta_softplus):
-    u, delta, B, C = u.float(), delta.float(), B.float(), C.float()
+    acc = _acc(u)
+    u, delta, B, C = u.to(acc), delta.to(acc), B.to(acc), C.to(acc)
     if delta_bias is not None:
-        delta = delta + delta_bias.float()
+        delta = delta + delta_bias.to(acc)
     if delta_softplus:
         delta = F.softplus(delta)
-    return u, delta, A.float(), B, C
+    return u, delta, A.to(acc), B, C
 
 
 def _finish(y, u, D_skip, z, dtype):
     if D_skip is not None:
-        y = y + u * D_skip.float()
+        y = y + u * D_skip.to(_acc(u))
     if z is not None:
-        y = y * F.silu(z.float())
+        y = y * F.silu(z.to(_acc(u)))
     return y.to(dtype)
 
 
@@ -40,7 +46,7 @@ def selective_scan_ref(u, delta, A, B, C, D_skip=None, z=None, delta_bias=None, 
     dtype = u.dtype
     u, delta, A, B, C = _prepare(u, delta, A, B, C, D_skip, z, delta_bias, delta_softplus)
     batch, L, D = u.shape
-    h = u.new_zeros(batch, D, A.shape[1]) if initial_state is None else initial_state.float()
+    h = u.new_zeros(batch, D, A.shape[1]) if initial_state is None else initial_state.to(_acc(u))
     ys = []
     for t in range(L):
         dA = torch.exp(delta[:, t, :, None] * A)  # (B, D, N)
@@ -78,7 +84,7 @@ def selective_scan_chunked(u, delta, A, B, C, D_skip=None, z=None, delta_bias=No
     dtype = u.dtype
     u, delta, A, B, C = _prepare(u, delta, A, B, C, D_skip, z, delta_bias, delta_softplus)
     batch, L, D = u.shape
-    h = u.new_zeros(batch, D, A.shape[1]) if initial_state is None else initial_state.float()
+    h = u.new_zeros(batch, D, A.shape[1]) if initial_state is None else initial_state.to(_acc(u))
     ys = []
     for start in range(0, L, chunk_size):
         sl = slice(start, min(start + chunk_size, L))
