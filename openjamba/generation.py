@@ -8,8 +8,9 @@ The loop is split the way a CUDA-graph decoder needs it (gpt-fast style):
 
 Sampling never leaves the device: a categorical draw is `argmax(probs / q)` with q ~ Exponential(1)
 (equivalent to sampling from `probs`), top-k / top-p are masks, and finished rows are tracked in a bool
-tensor. The only device-to-host reads are the early-stop test `finished.all()` (once every few steps on
-CUDA, every step on CPU where it costs nothing) and the final trim.
+tensor. Once decoding has started, the only device-to-host reads are the early-stop test `finished.all()`
+(every few steps on CUDA, every step on CPU where it costs nothing) and the final trim; argument checks
+read the prompt once before the prefill.
 
 Left padding: a batch of prompts of different lengths is padded on the left and described by
 `attention_mask` (1 = token, 0 = padding). The model keeps padding out of the Mamba state and the
@@ -24,9 +25,10 @@ from dataclasses import dataclass
 
 import torch
 
-# How often `generate` asks the device whether every row has finished. Each ask is a host sync, which
-# stalls a GPU pipeline (and breaks CUDA-graph replay chains); on the CPU it is free.
-_EOS_CHECK_EVERY_CUDA = 16
+# How often (in steps) `generate` asks the device whether every row has finished, per device type. Each
+# ask is a host sync, which stalls a GPU pipeline; on the CPU it is free (the default, 1, for any device
+# not listed). Extra steps run after the last EOS are trimmed, so the result does not depend on this.
+EOS_CHECK_EVERY = {"cuda": 16}
 
 
 # ---------------------------------------------------------------------------------------------- sampling
@@ -44,12 +46,8 @@ class Sampler:
     top_p: float | None = None
     generators: torch.Generator | list[torch.Generator] | None = None
 
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
-
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.greedy:
+        if self.temperature == 0:
             return logits.argmax(dim=-1)
         probs = torch.softmax(self.filter(logits.float() / self.temperature), dim=-1)  # (B, V)
         return probs.div_(self._exponential(probs)).argmax(dim=-1)
@@ -62,9 +60,9 @@ class Sampler:
             logits = logits.masked_fill(logits < kth, float("-inf"))
         if self.top_p is not None and self.top_p < 1.0:
             sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-            cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+            sorted_probs = torch.softmax(sorted_logits, dim=-1)
             # Drop a token when the tokens ranked above it already reach top_p; the top token always stays.
-            drop_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) >= self.top_p
+            drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= self.top_p
             drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
             logits = logits.masked_fill(drop, float("-inf"))
         return logits
@@ -108,8 +106,10 @@ def decode_n_tokens(model, input_ids, attention_mask, cache, sampler: Sampler, m
     token = None
     for step in range(max_new_tokens):
         # Grad mode is set per step rather than around the loop: a context held across `yield` would leak
-        # into the caller's code between steps.
-        with torch.inference_mode():
+        # into the caller's code between steps. no_grad rather than inference_mode, so that the tokens
+        # handed out are ordinary tensors (inference tensors cannot be saved for backward, which would
+        # break e.g. training on generated samples).
+        with torch.no_grad():
             if step == 0:
                 token = prefill(model, input_ids, attention_mask, cache, sampler)
             else:
@@ -145,7 +145,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, te
     """
     args = _prepare(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p,
                     eos_token_id, seed, pad_token_id)
-    check_every = _EOS_CHECK_EVERY_CUDA if args["input_ids"].is_cuda else 1
+    check_every = EOS_CHECK_EVERY.get(args["input_ids"].device.type, 1)
     tokens, finished_steps = [], []
     for token, finished in decode_n_tokens(model, **args, check_every=check_every):
         tokens.append(token)

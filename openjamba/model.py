@@ -80,10 +80,15 @@ class JambaForCausalLM(nn.Module):
         self.config = config
         self.model = JambaModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-        self.tokenizer = None  # set by from_pretrained when a tokenizer.json is present
+        self.tie_weights()
+        self.tokenizer = None  # a tokenizers.Tokenizer, set by from_pretrained when tokenizer.json is present
+        self.tokenizer_config = None  # tokenizer_config.json contents (chat template...), written back on save
         self.reset_parameters()
+
+    def tie_weights(self) -> None:
+        """Make lm_head share the embedding when config.tie_word_embeddings (again after to_empty())."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
 
     # ------------------------------------------------------------------ init
     @torch.no_grad()
