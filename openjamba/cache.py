@@ -4,6 +4,14 @@ Attention layers keep K and V for up to `max_length` positions, (B, Hkv, max_len
 Mamba layers keep a conv state (B, K-1, Di) of the last conv inputs and an SSM state (B, Di, N) in fp32,
 updated in place. Nothing grows with torch.cat, so the buffers' addresses never change.
 `key_mask` (B, max_length) records which cached positions are real tokens (False = left padding).
+
+Two ways to advance it:
+- eager: `length` is a python int; any number of new tokens is written at [length, length + T).
+- static (for CUDA graphs): `pos` is a (1,) long tensor on the cache's device that mirrors `length`;
+  a one-token step writes K/V with `index_copy_` at `pos` and attends over the whole buffer with
+  `static_key_mask()`, so shapes and addresses never change and nothing reads back to the host.
+  `sync_position()` copies `length` into `pos` (after an eager prefill); the step itself increments `pos`
+  on the device and the caller advances `length` by one per step.
 """
 
 from __future__ import annotations
@@ -36,6 +44,8 @@ class HybridCache:
             self.ssm[i] = torch.zeros(batch_size, Di, N, device=device, dtype=torch.float32)
         self.key_mask = torch.ones(batch_size, max_length, device=device, dtype=torch.bool)
         self.has_padding = False
+        self.pos = torch.zeros(1, device=device, dtype=torch.long)  # device mirror of `length`
+        self.positions = torch.arange(max_length, device=device)  # (max_length,) for the static mask
 
     def check_room(self, new_tokens: int) -> None:
         if self.length + new_tokens > self.max_length:
@@ -64,9 +74,26 @@ class HybridCache:
     def advance(self, T: int) -> None:
         self.length += T
 
+    # ------------------------------------------------------------------ static (graph-capturable) path
+    def sync_position(self) -> None:
+        """Copy the host `length` into the device tensor `pos` (no device-to-host read)."""
+        self.pos.fill_(self.length)
+
+    def write_kv_at_pos(self, layer_idx: int, k, v):
+        """Write one token's k, v (B, Hkv, 1, hd) at position `pos`; return the full (B, Hkv, max_length, hd)
+        buffers. index_copy_ takes the position as a tensor, so a captured graph replays it at a new place."""
+        self.key[layer_idx].index_copy_(2, self.pos, k)
+        self.value[layer_idx].index_copy_(2, self.pos, v)
+        return self.key[layer_idx], self.value[layer_idx]
+
+    def static_key_mask(self):
+        """(B, max_length) bool: real tokens at positions <= pos (the query's own position included)."""
+        return self.key_mask & (self.positions <= self.pos)
+
     def reset(self) -> None:
         self.length = 0
         self.has_padding = False
+        self.pos.zero_()
         self.key_mask.fill_(True)
         for t in (*self.conv.values(), *self.ssm.values()):
             t.zero_()

@@ -289,9 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     p.set_defaults(func=cmd_generate)
 
-    from .train.cli import add_commands
+    from .bench_cli import add_commands as add_bench_commands
+    from .train.cli import add_commands as add_train_commands
 
-    add_commands(sub)
+    add_train_commands(sub)
+    add_bench_commands(sub)
     return parser
 
 

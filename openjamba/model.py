@@ -194,10 +194,19 @@ class JambaForCausalLM(nn.Module):
     def num_parameters(self) -> dict[str, int]:
         return self.config.param_counts()
 
-    def generate(self, input_ids, attention_mask=None, **kwargs):
-        """Prompt followed by new tokens, (B, prompt + new). See openjamba.generation.generate."""
-        from .generation import generate
+    def generate(self, input_ids, attention_mask=None, engine: str = "auto", **kwargs):
+        """Prompt followed by new tokens, (B, prompt + new).
 
+        engine: "eager" (openjamba.generation.generate: the model's forward step by step), "fast"
+        (openjamba.inference.generate: chunked prefill, static cache step captured in a CUDA graph,
+        on-device sampling) or "auto" (fast on CUDA, eager elsewhere). Both give the same tokens.
+        """
+        if engine not in ("auto", "eager", "fast"):
+            raise ValueError(f"engine must be 'auto', 'eager' or 'fast', got {engine!r}")
+        if engine == "fast" or (engine == "auto" and self.device.type == "cuda"):
+            from .inference import generate
+        else:
+            from .generation import generate
         return generate(self, input_ids, attention_mask=attention_mask, **kwargs)
 
     def generate_stream(self, input_ids, attention_mask=None, **kwargs):

@@ -1,0 +1,268 @@
+"""Generator: chunked prefill + a one-token decode step replayed from a CUDA graph.
+
+    gen = Generator(model, batch_size=4, max_length=4096)      # plans memory, allocates the cache, captures
+    logits = gen.prefill(ids, mask, chunk_size=2048)            # (B, V) at the last prompt position
+    tok = sample(logits, params)                                # on the device
+    logits = gen.decode_one_token(tok)                          # (B, V), fixed shapes
+    new = gen.decode_n_tokens(tok, 100, params)                 # (B, 100) tokens after `tok`
+
+Modes:
+  "eager"  - the model's own forward with python-int cache positions (the reference path; CPU default).
+  "static" - the static step of step.py run op by op: device-tensor position, attention over the whole
+             cache. Runs anywhere; on the CPU it is how the graph path's maths is tested.
+  "graph"  - the static step captured once in a torch.cuda.CUDAGraph and replayed per token: one launch per
+             step instead of hundreds (the CUDA default).
+The host only enqueues work: sampling is on the device and the EOS test reads back once every
+`check_every` steps.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+
+from .planner import MemoryPlan, device_budget, plan_memory
+from .sampling import SamplingParams, make_generators, sample
+from .step import decode_step, resolve_moe_impl
+
+logger = logging.getLogger("openjamba.inference")
+
+MODES = ("auto", "eager", "static", "graph")
+DEFAULT_CHUNK = 8192
+_compiled_step = None
+
+
+def compiled_decode_step():
+    """One torch.compile wrapper shared by every Generator, so dynamo's cache is shared too: after a second
+    cache size it marks that size dynamic and later Generators reuse the code instead of recompiling."""
+    global _compiled_step
+    if _compiled_step is None:
+        _compiled_step = torch.compile(decode_step)
+    return _compiled_step
+
+
+class Generator:
+    """Owns one HybridCache and the decode step for a fixed (batch_size, max_length)."""
+
+    def __init__(self, model, batch_size: int, max_length: int, mode: str = "auto", moe_impl: str = "auto",
+                 chunk_size: int = DEFAULT_CHUNK, budget: int | None = None, check_memory: bool = True,
+                 compile: bool = False):
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+        self.model, self.device, self.dtype = model, model.device, model.dtype
+        if mode == "auto":
+            mode = "graph" if self.device.type == "cuda" else "eager"
+        if mode == "graph" and self.device.type != "cuda":
+            raise RuntimeError(f"mode 'graph' needs the model on a CUDA device (it is on {self.device}); "
+                               "use mode 'static' or 'eager'")
+        if compile and mode == "eager":
+            raise ValueError("compile=True applies to the static step: use mode 'static' or 'graph'")
+        self.mode, self.batch_size, self.max_length, self.chunk_size = mode, batch_size, max_length, chunk_size
+        # The weights are already resident, so the budget is what the device has free now.
+        if budget is None and self.device.type == "cuda":
+            budget = device_budget(self.device)
+        self.plan: MemoryPlan = plan_memory(model.config, self.dtype, batch_size, max_length, chunk_size,
+                                            budget, weights_resident=False)
+        if check_memory:
+            self.plan.check()
+        self.cache = model.new_cache(batch_size, max_length)
+        self.moe_impl = resolve_moe_impl(moe_impl, self.device, self.dtype) if mode != "eager" else None
+        if compile and moe_impl == "auto" and self.moe_impl == "grouped_mm" and self.dtype != torch.bfloat16:
+            # torch._grouped_mm's shape function (used while compiling) accepts bf16 only, even where the
+            # eager CPU fallback runs other dtypes.
+            self.moe_impl = "dense"
+        self._token = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)  # graph input
+        # torch.compile fuses the step's many small elementwise ops (norms, gates, the SSM update) into few
+        # kernels; the graph then replays those.
+        self._step = compiled_decode_step() if compile else decode_step
+        self.compiled = compile
+        self._graph, self._graph_logits = None, None
+        if mode == "graph":
+            self._capture_with_fallback()
+        logger.info("Generator: mode %s, batch %d, max_length %d, MoE %s, compiled %s", mode, batch_size,
+                    max_length, self.moe_impl, compile)
+
+    # ------------------------------------------------------------------ CUDA graph
+    def _capture(self) -> None:
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side), torch.inference_mode():
+            for _ in range(3):  # warm-up: cuBLAS handles, Triton autotuning and JIT happen outside capture
+                self._step(self.model, self._token, self.cache, self.moe_impl)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(graph):
+            self._graph_logits = self._step(self.model, self._token, self.cache, self.moe_impl)
+        self._graph = graph
+        self.cache.reset()  # the warm-up steps wrote into the state; capture itself ran nothing
+
+    def _capture_with_fallback(self) -> None:
+        try:
+            self._capture()
+        except Exception as e:  # noqa: BLE001 - retried once with the portable MoE routing, then re-raised
+            if self.moe_impl == "dense" or isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e):
+                raise
+            logger.warning("CUDA graph capture with MoE %s failed (%s: %s); retrying with dense",
+                           self.moe_impl, type(e).__name__, e)
+            torch.cuda.synchronize(self.device)
+            self.moe_impl = "dense"
+            self._graph = None
+            self._capture()
+
+    # ------------------------------------------------------------------ steps
+    def reset(self) -> None:
+        """Empty the cache for a new batch of prompts (the captured graph stays valid)."""
+        self.cache.reset()
+
+    @torch.inference_mode()
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                chunk_size: int | None = None) -> torch.Tensor:
+        """Run prompts (B, T) into the cache `chunk_size` tokens at a time; return the last logits (B, V).
+
+        Each chunk continues from the cache (K/V, conv and SSM state), so the result equals one full
+        forward while activations scale with the chunk, not the prompt. attention_mask: (B, T), 0 for left
+        padding."""
+        chunk = chunk_size or self.chunk_size
+        B, T = input_ids.shape
+        if B != self.batch_size:
+            raise ValueError(f"this Generator was built for batch {self.batch_size}, got {B} prompts")
+        self.cache.check_room(T)
+        logits = None
+        for s in range(0, T, chunk):
+            e = min(T, s + chunk)
+            m = None if attention_mask is None else attention_mask[:, s:e]
+            logits = self.model(input_ids[:, s:e], attention_mask=m, cache=self.cache, num_logits_to_keep=1).logits
+        self.cache.sync_position()
+        return logits[:, -1]
+
+    @torch.inference_mode()
+    def decode_one_token(self, token: torch.Tensor) -> torch.Tensor:
+        """token (B,) at the next position -> logits (B, V). In graph mode the returned tensor is the graph's
+        output buffer: read (sample) it before the next step overwrites it."""
+        if self.mode == "eager":
+            logits = self.model(token.view(-1, 1), cache=self.cache).logits[:, -1]
+            self.cache.sync_position()  # keep the device position valid should a static step follow
+            return logits
+        self.cache.check_room(1)
+        self._token.copy_(token.view(-1, 1))
+        if self._graph is not None:
+            self._graph.replay()
+            logits = self._graph_logits
+        else:
+            logits = self._step(self.model, self._token, self.cache, self.moe_impl)
+        self.cache.advance(1)
+        return logits
+
+    @torch.inference_mode()
+    def decode_n_tokens(self, token: torch.Tensor, n: int, params: SamplingParams | None = None, generators=None,
+                        eos_ids: torch.Tensor | None = None, pad_token_id: int = 0, check_every: int = 16,
+                        finished: torch.Tensor | None = None) -> torch.Tensor:
+        """Feed `token` (B,) and the tokens sampled after it; return the n new tokens (B, n').
+
+        With eos_ids, a row that produced an EOS (or is already `finished`) gets pad_token_id from then on,
+        and decoding stops early once every row has finished; that is read back every `check_every`
+        steps, and the trailing all-finished steps are trimmed (one sync at the end), so n' <= n."""
+        params = params or SamplingParams(0.0)
+        B = token.shape[0]
+        out = torch.empty(B, n, dtype=torch.long, device=self.device)
+        if finished is None:
+            finished = torch.zeros(B, dtype=torch.bool, device=self.device)
+        all_done = torch.zeros(n, dtype=torch.bool, device=self.device)  # every row finished by step i
+        steps = n
+        for i in range(n):
+            token = sample(self.decode_one_token(token), params, generators)
+            if eos_ids is not None:
+                token = token.masked_fill(finished, pad_token_id)
+                finished = finished | torch.isin(token, eos_ids)
+                all_done[i] = finished.all()
+            out[:, i] = token
+            if eos_ids is not None and (i + 1) % check_every == 0 and bool(finished.all()):
+                steps = i + 1
+                break
+        if eos_ids is not None and steps > 0:
+            done = all_done[:steps]
+            if bool(done.any()):
+                steps = int(done.int().argmax()) + 1
+        return out[:, :steps]
+
+
+# ---------------------------------------------------------------------------------------------- generate
+_REUSE_ATTR = "_openjamba_fast_generator"
+
+
+def _generator_for(model, B: int, need: int, mode: str, moe_impl: str, chunk_size: int, budget,
+                   compile: bool = False) -> Generator:
+    """A Generator for (B, >= need positions), reused across calls while shapes and weights allow: capturing
+    a graph costs a few steps, so back-to-back generate() calls should not pay it every time. Capacity is
+    rounded up to a multiple of 256 so prompts of nearby lengths share one."""
+    cap = -(-need // 256) * 256
+    key = (B, mode, moe_impl, compile, model.lm_head.weight.data_ptr(), model.dtype, str(model.device))
+    old = getattr(model, _REUSE_ATTR, None)
+    if old is not None and old[0] == key and old[1].max_length >= need and old[1].max_length <= 2 * cap:
+        old[1].reset()
+        return old[1]
+    if old is not None:
+        object.__setattr__(model, _REUSE_ATTR, None)  # free the old cache before allocating the new one
+        del old
+    gen = Generator(model, B, cap, mode=mode, moe_impl=moe_impl, chunk_size=chunk_size, budget=budget,
+                    compile=compile)
+    object.__setattr__(model, _REUSE_ATTR, (key, gen))  # not a submodule: keep it out of state_dict
+    return gen
+
+
+def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, eos_token_id: int | Sequence[int] | None = None,
+             seed: int | Sequence[int] | None = None, pad_token_id: int | None = None, *, mode: str = "auto",
+             moe_impl: str = "auto", chunk_size: int = DEFAULT_CHUNK, budget: int | None = None,
+             check_every: int | None = None, compile: bool = False) -> torch.Tensor:
+    """Same arguments and result as openjamba.generation.generate, on the fast path.
+
+    Returns (B, T + n): the prompt as given, then n <= max_new_tokens new tokens (n < max_new_tokens only
+    when every row produced an EOS). Keyword-only extras: mode ("auto" = CUDA graph on CUDA, eager
+    elsewhere), moe_impl, chunk_size (prefill), budget (bytes; default the device's free memory),
+    check_every (steps between EOS read-backs; default 16 on CUDA, 1 elsewhere), compile (torch.compile the
+    decode step before capture: fewer, fused kernels; the first call per shape compiles).
+    """
+    config, device = model.config, model.device
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.numel() == 0:
+        raise ValueError("input_ids must be a non-empty 2-D (batch, prompt_length) tensor of token ids")
+    if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+    lo, hi = int(input_ids.min()), int(input_ids.max())
+    if lo < 0 or hi >= config.vocab_size:
+        raise ValueError(f"input_ids must lie in [0, {config.vocab_size}), found {lo if lo < 0 else hi}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    params = SamplingParams(temperature, top_k, top_p)
+    ids = input_ids.to(device=device, dtype=torch.long)
+    B, T = ids.shape
+    mask = None
+    if attention_mask is not None:
+        if tuple(attention_mask.shape) != (B, T):
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} must equal input_ids shape {(B, T)}")
+        mask = attention_mask.to(device).bool()
+        if not bool(mask[:, -1].all()):
+            raise ValueError("every row needs a real last token: pad prompts on the LEFT (attention_mask 0s first)")
+        mask = None if bool(mask.all()) else mask.long()
+    eos = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+    if any(isinstance(e, bool) or not isinstance(e, int) or not 0 <= e < config.vocab_size for e in eos):
+        raise ValueError(f"eos_token_id must be token ids in [0, {config.vocab_size}), got {eos_token_id!r}")
+    eos_ids = torch.tensor(eos, device=device, dtype=torch.long) if eos else None
+    if pad_token_id is None:
+        pad_token_id = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
+    generators = make_generators(seed, B, device)
+    if check_every is None:
+        check_every = 16 if device.type == "cuda" else 1
+
+    gen = _generator_for(model, B, T + max_new_tokens, mode, moe_impl, chunk_size, budget, compile)
+    first = sample(gen.prefill(ids, mask, chunk_size), params, generators)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    if eos_ids is not None:
+        finished = torch.isin(first, eos_ids)
+    new = [first[:, None]]
+    if max_new_tokens > 1 and not (eos_ids is not None and bool(finished.all())):
+        new.append(gen.decode_n_tokens(first, max_new_tokens - 1, params, generators, eos_ids, int(pad_token_id),
+                                       check_every, finished))
+    return torch.cat([ids, *new], dim=1)

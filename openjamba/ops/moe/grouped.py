@@ -1,0 +1,67 @@
+"""Mixture-of-experts FFN with grouped matmuls: same contract and results as `moe_experts_ref`.
+
+    x_TH: (T, H)    top_w_TK, top_idx_TK: (T, K)    w_gate_up_XFH: (X, 2F, H)    w_down_XHF: (X, H, F)
+
+The T*K (token, expert) assignments are permuted so each expert's rows are contiguous, every expert
+runs in ONE `torch._grouped_mm` per projection, and the results are un-permuted and weighted. All
+index arithmetic stays on the device: no `.tolist()`, no host sync, no Python loop over experts, so
+the layer can be captured in a CUDA graph. Each expert's group is padded to a multiple of ALIGN rows
+inside a buffer of a size known without looking at the routing (T*K + X*(ALIGN-1) rows),
+which keeps every group offset aligned as the CUDA kernels of `_grouped_mm` require. Autograd runs
+through `_grouped_mm`, so x, both weight tensors and the router weights get gradients.
+
+Requirements: on CUDA use bf16 (the dtype torch's grouped GEMM kernels are built for, and the only one
+tested there; whether fp32/fp16 run depends on the torch version); H and F must be multiples of 8
+(16-byte rows). The forward combine is a sum over the K slots of each token, not an atomic scatter,
+so the output is deterministic.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ALIGN = 16
+
+
+def _grouped_mm(a, b, offs):
+    """(P, k) x (X, k, n) with row groups ending at offs -> (P, n)."""
+    return torch._grouped_mm(a, b, offs=offs)
+
+
+def moe_experts_grouped(x_TH, top_w_TK, top_idx_TK, w_gate_up_XFH, w_down_XHF):
+    """Run the routed experts; returns (T, H) in x's dtype. See the module docstring."""
+    T, H = x_TH.shape
+    K = top_idx_TK.shape[1]
+    X = w_gate_up_XFH.shape[0]
+    dev = x_TH.device
+    n_assign = T * K
+    P = n_assign + X * (ALIGN - 1)  # rows of the padded buffer: enough for any routing
+
+    flat = top_idx_TK.reshape(-1)
+    order = torch.argsort(flat, stable=True)  # assignments grouped by expert
+    # scatter_add, not bincount: bincount on CUDA reads the max id back to the host (a sync)
+    counts = torch.zeros(X, device=dev, dtype=torch.long).scatter_add_(0, flat, torch.ones_like(flat))
+    starts = torch.cumsum(counts, 0) - counts
+    padded = (counts + ALIGN - 1) // ALIGN * ALIGN
+    pad_end = torch.cumsum(padded, 0)
+    pad_start = pad_end - padded
+    # the last group also owns the unused tail of the buffer, so the offsets end at P
+    offs = torch.cat([pad_end[:-1], pad_end.new_full((1,), P)]).to(torch.int32)
+
+    e_sorted = flat[order]
+    rank = torch.arange(n_assign, device=dev)
+    pos_sorted = pad_start[e_sorted] + (rank - starts[e_sorted])  # padded row of each sorted assignment
+    pos = torch.empty_like(pos_sorted)
+    pos[order] = pos_sorted  # padded row of assignment a = (token a // K, slot a % K)
+
+    # token feeding each padded row; padding rows read token 0: their outputs are never gathered back,
+    # so they get no gradient and add nothing to the weight gradients (their upstream gradient is 0)
+    src = torch.zeros(P, device=dev, dtype=torch.long)
+    src[pos] = rank // K
+    x_pad = x_TH[src]  # (P, H)
+    gate_up = _grouped_mm(x_pad, w_gate_up_XFH.transpose(-2, -1), offs)  # (P, 2F)
+    gate, up = gate_up.chunk(2, dim=-1)
+    y_pad = _grouped_mm(F.silu(gate) * up, w_down_XHF.transpose(-2, -1), offs)  # (P, H)
+    y_TKH = y_pad[pos].view(T, K, H)
+    return (y_TKH * top_w_TK[..., None].to(y_TKH.dtype)).sum(1).to(x_TH.dtype)

@@ -1,0 +1,125 @@
+"""Training metrics: FLOP accounting / MFU, router load and activation probes, JSONL + TensorBoard sinks."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from torch import nn
+
+from ..config import JambaConfig
+from ..layers.moe import SparseMoE
+
+H200_BF16_PEAK = 989e12  # dense bf16 tensor-core peak (datasheet)
+H200_BF16_MEASURED = 792e12  # bf16 8192^3 matmul measured on the GPU machine
+
+
+def flops_per_token(config: JambaConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x active parameters (forward 2, backward 4) plus the attention
+    score/value matmuls, 12 x attention layers x hidden x seq_len (the PaLM convention, counting the full
+    T x T product). The selective scan's elementwise work is not counted."""
+    n_attn = len(config.attention_layer_ids)
+    return 6.0 * config.param_counts()["active"] + 12.0 * n_attn * config.hidden_size * seq_len
+
+
+def mfu(tokens_per_s: float, config: JambaConfig, seq_len: int, peak: float = H200_BF16_PEAK) -> float:
+    return tokens_per_s * flops_per_token(config, seq_len) / peak
+
+
+class Probes:
+    """Forward hooks that accumulate, without any host sync: per MoE layer, how many top-k assignments
+    each expert received; over decoder layers, the largest |activation| in the residual stream.
+    `read()` syncs once and resets."""
+
+    def __init__(self, model: nn.Module):
+        self.counts: dict[int, torch.Tensor] = {}
+        self.max_act: torch.Tensor | None = None
+        self.handles = []
+        moe_i = 0
+        for module in model.modules():
+            if isinstance(module, SparseMoE):
+                self.handles.append(module.register_forward_hook(self._moe_hook(moe_i, module.num_experts)))
+                moe_i += 1
+        layers = getattr(getattr(model, "model", None), "layers", None)
+        for layer in layers or []:
+            self.handles.append(layer.register_forward_hook(self._act_hook))
+
+    def _moe_hook(self, i: int, num_experts: int):
+        def hook(module, inputs, output):
+            if not (isinstance(output, tuple) and len(output) == 3):
+                return
+            idx = output[2].detach().reshape(-1)
+            # scatter_add keeps a static shape (bincount's would depend on the data), compile-friendly.
+            c = torch.zeros(num_experts, device=idx.device, dtype=torch.float32)
+            c.scatter_add_(0, idx, torch.ones_like(idx, dtype=torch.float32))
+            self.counts[i] = c if i not in self.counts else self.counts[i] + c
+        return hook
+
+    def _act_hook(self, module, inputs, output):
+        h = output[0] if isinstance(output, tuple) else output
+        m = h.detach().abs().amax().float()
+        self.max_act = m if self.max_act is None else torch.maximum(self.max_act, m)
+
+    def read(self) -> dict[str, float]:
+        """expert_load_max / expert_load_min: the largest and smallest fraction of assignments any expert got
+        in any MoE layer (uniform = 1 / num_experts); max_activation: largest |h| since the last read."""
+        out = {}
+        if self.counts:
+            fractions = torch.stack([c / c.sum().clamp(min=1) for c in self.counts.values()])
+            out["expert_load_max"] = float(fractions.max())
+            out["expert_load_min"] = float(fractions.min())
+        if self.max_act is not None:
+            out["max_activation"] = float(self.max_act)
+        self.counts, self.max_act = {}, None
+        return out
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+class MetricsLogger:
+    """Appends one JSON object per line to <out_dir>/metrics.jsonl, mirrored to TensorBoard when the
+    `tensorboard` package is importable and enabled. Only the main rank writes."""
+
+    def __init__(self, out_dir: str, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self.file = None
+        self.tb = None
+        if not enabled:
+            return
+        os.makedirs(out_dir, exist_ok=True)
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+        self.file = open(self.path, "a")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+            except ImportError:  # optional extra; JSONL is always written
+                self.tb = None
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            step = record.get("step", 0)
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.tb.add_scalar(f"{record.get('split', 'train')}/{key}", value, step)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(path: str) -> list[dict]:
+    """The records of a metrics.jsonl file (a run resumed after a crash may repeat steps: the later
+    record of a step wins when the caller keys them by step)."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

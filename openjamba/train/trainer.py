@@ -1,0 +1,353 @@
+"""The training loop: plain functions around one `train(cfg)` entry point.
+
+One optimizer step = `grad_accum` micro-batches of (batch_size, seq_len + 1) packed tokens per rank:
+forward + backward each (loss / grad_accum), measure (and clip) the gradient norm, check that loss and norm
+are finite (stop or skip, never continue silently), set the scheduled learning rate, step AdamW.
+Parallelism (FSDP2, expert parallel), activation checkpointing and torch.compile are applied from outside
+by openjamba.train.distributed.parallelize; the model code stays single-device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..config import JambaConfig
+from ..model import JambaForCausalLM
+from . import checkpointing as ckpt
+from .config import TrainConfig, to_toml
+from .data import PackedLoader, read_index
+from . import distributed
+from .distributed import DistInfo
+from .metrics import MetricsLogger, Probes, mfu
+from .optim import build_optimizer, lr_at, set_lr
+from .tokenizer import load_tokenizer, special_token_ids
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss or gradient norm and the policy says stop."""
+
+
+# ---------------------------------------------------------------------------------------------- setup
+def init_dist(cfg: TrainConfig):
+    """DistInfo from torchrun's environment (WORLD_SIZE > 1), else a world of one on cfg.train.device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        kind = None if cfg.train.device == "auto" else torch.device(cfg.train.device).type
+        return distributed.init_distributed(kind)
+    name = cfg.train.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"train.device={name!r} but no CUDA device is available")
+        if device.index is None:  # "cuda" means the current device; set_device needs an index
+            device = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(device)
+    return DistInfo(device=device)
+
+
+def precision_of(cfg: TrainConfig, device: torch.device) -> str:
+    if cfg.train.precision == "auto":
+        return "autocast" if device.type == "cuda" else "fp32"
+    return cfg.train.precision
+
+
+def autocast_ctx(precision: str, device: torch.device):
+    if precision == "autocast":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_model(cfg: TrainConfig, vocab_size: int, special: dict) -> JambaForCausalLM:
+    """The model of [model], on the CPU in fp32: a preset with overrides, or `init_from` an HF directory."""
+    if cfg.model.init_from:
+        return JambaForCausalLM.from_pretrained(cfg.model.init_from)
+    fields = {"vocab_size": vocab_size, **{k: v for k, v in special.items() if v is not None}}
+    fields.update(cfg.model.overrides)
+    config = JambaConfig.from_name(cfg.model.preset, **fields)
+    if config.vocab_size < vocab_size:
+        raise ValueError(f"model vocab_size {config.vocab_size} is smaller than the tokenizer's {vocab_size}")
+    return JambaForCausalLM(config)
+
+
+def needs_parallelize(cfg: TrainConfig, dist) -> bool:
+    return dist.world_size > 1 or cfg.train.activation_checkpointing or cfg.train.compile
+
+
+def prepare_model(model, cfg: TrainConfig, dist, precision: str):
+    """Move to the device (bf16 weights for precision "bf16"), then apply AC / compile / EP / FSDP2."""
+    model = model.to(dist.device)
+    if precision == "bf16":
+        model = model.to(torch.bfloat16)
+    if needs_parallelize(cfg, dist):
+        model = distributed.parallelize(
+            model, dist, fsdp=cfg.train.fsdp and dist.world_size > 1, expert_parallel=cfg.train.expert_parallel,
+            activation_checkpointing=cfg.train.activation_checkpointing, compile=cfg.train.compile)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------- steps
+def lm_loss(model, batch: torch.Tensor, router_aux_coef: float, activation_loss_coef: float):
+    """(total loss, cross-entropy) for a (B, T + 1) batch: inputs batch[:, :-1], targets batch[:, 1:]."""
+    out = model(batch[:, :-1], activation_loss_coef=activation_loss_coef)
+    logits = out.logits
+    ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+    loss = ce
+    if out.aux_loss is not None and router_aux_coef:
+        loss = loss + router_aux_coef * out.aux_loss
+    if out.activation_loss is not None and activation_loss_coef:
+        loss = loss + activation_loss_coef * out.activation_loss
+    return loss, ce
+
+
+def forward_backward(model, batches: list[torch.Tensor], config: JambaConfig, cfg: TrainConfig,
+                     precision: str, device: torch.device) -> torch.Tensor:
+    """Accumulate gradients over the micro-batches; returns the mean cross-entropy (a device scalar)."""
+    n = len(batches)
+    total_ce = torch.zeros((), device=device)
+    for i, batch in enumerate(batches):
+        batch = batch.to(device, non_blocking=True)
+        if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: reduce gradients on the last micro-batch only
+            model.set_requires_gradient_sync(i == n - 1)
+        with autocast_ctx(precision, device):
+            loss, ce = lm_loss(model, batch, config.router_aux_loss_coef, cfg.train.activation_loss_coef)
+        (loss / n).backward()
+        total_ce += ce.detach() / n
+    return total_ce
+
+
+def grad_norm_and_clip(model, max_norm: float, dist) -> torch.Tensor:
+    """The global gradient norm (before clipping; clipped to max_norm when > 0), as a device scalar."""
+    limit = max_norm if max_norm > 0 else float("inf")
+    if dist.world_size > 1:  # sharded / expert-parallel gradients live on several meshes
+        return distributed.clip_grad_norm_(model, limit, dist)
+    params = [p for p in model.parameters() if p.grad is not None]
+    return torch.nn.utils.clip_grad_norm_(params, limit)
+
+
+@torch.no_grad()
+def evaluate(model, cfg: TrainConfig, val_dir: str, dist, config: JambaConfig, precision: str) -> float:
+    """Mean cross-entropy over the first `eval.steps` batches of the validation split (same batches every
+    time, so values are comparable across the run)."""
+    loader = PackedLoader(val_dir, "val", cfg.data.seq_len, cfg.data.batch_size, rank=dist.rank,
+                          world_size=dist.world_size, seed=cfg.train.seed, shuffle=False)
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), device=dist.device)
+    for _ in range(cfg.eval.steps):
+        with autocast_ctx(precision, dist.device):
+            _, ce = lm_loss(model, loader.next_batch().to(dist.device), 0.0, 0.0)
+        total += ce.float()
+    total /= cfg.eval.steps
+    if dist.world_size > 1:
+        total = distributed.all_reduce_mean(total, dist)
+    model.train(was_training)
+    return float(total)
+
+
+# ---------------------------------------------------------------------------------------------- export
+def export_hf(model, config: JambaConfig, tokenizer_path: str | None, out_dir: str, dist=None):
+    """Write the model in the HF directory format (config.json, safetensors, tokenizer.json).
+
+    Returns the plain single-device model that was saved (on the main rank; None elsewhere)."""
+    if dist is not None and dist.world_size > 1:
+        state = distributed.full_model_state_dict(model, dist)
+        if not dist.is_main:
+            return None
+        state = {ckpt.clean_name(k): v for k, v in state.items()}
+    else:
+        state = ckpt.model_state_dict(model)
+    plain = JambaForCausalLM(config)
+    plain.to(next(iter(state.values())).dtype)
+    ckpt.load_model_state(plain, state)
+    if tokenizer_path:
+        plain.tokenizer = load_tokenizer(tokenizer_path)
+    plain.save_pretrained(out_dir)
+    return plain
+
+
+def sample_text(model, tokenizer_path: str, prompt: str, max_new_tokens: int, seed: int = 0) -> str:
+    """A sampled continuation of `prompt` (temperature 0.8), decoded to text."""
+    tok = load_tokenizer(tokenizer_path)
+    ids = tok.encode(prompt).ids or [model.config.bos_token_id or 0]
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids], device=model.device), max_new_tokens=max_new_tokens,
+                             temperature=0.8, top_k=min(50, model.config.vocab_size), seed=seed)
+    return tok.decode(out[0].tolist())
+
+
+# ---------------------------------------------------------------------------------------------- loop
+def train(cfg: TrainConfig, resume: bool = False, model: JambaForCausalLM | None = None) -> dict:
+    """Train as `cfg` says; returns a summary (steps, losses, paths). `model` replaces the built one."""
+    cfg.validate()
+    dist = init_dist(cfg)
+    out_dir = cfg.train.out_dir
+    if not cfg.data.train:
+        raise ValueError("data.train is not set: point it at a directory made by `openjamba data prepare`")
+    tokenizer_path = cfg.data.tokenizer or os.path.join(cfg.data.train, "tokenizer.json")
+    index = read_index(cfg.data.train)
+    special = special_token_ids(load_tokenizer(tokenizer_path))
+    seed_everything(cfg.train.seed)
+    model = model if model is not None else build_model(cfg, index["vocab_size"], special)
+    config = model.config
+    precision = precision_of(cfg, dist.device)
+    probes = Probes(model)  # before any wrapping, so hooks sit on the plain modules
+    model = prepare_model(model, cfg, dist, precision)
+    model.train()
+    optimizer = build_optimizer(model, cfg.optim, dist.device)
+    loader = PackedLoader(cfg.data.train, "train", cfg.data.seq_len, cfg.data.batch_size, rank=dist.rank,
+                          world_size=dist.world_size, seed=cfg.train.seed, shuffle=cfg.data.shuffle)
+    val_dir = cfg.data.val or cfg.data.train
+    val_tokens = read_index(val_dir)["splits"].get("val", {}).get("tokens", 0)
+    has_val = (val_tokens - 1) // cfg.data.seq_len >= cfg.data.batch_size * dist.world_size  # one global batch
+    if not has_val and dist.is_main:
+        print(f"the val split of {val_dir} holds less than one batch: no validation", file=sys.stderr)
+    manager = ckpt.CheckpointManager(out_dir, cfg.checkpoint.keep_last)
+    if dist.is_main:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "train_config.toml"), "w") as f:  # the run file as resolved
+            f.write(to_toml(cfg))
+        if os.path.exists(tokenizer_path):
+            import shutil
+
+            shutil.copyfile(tokenizer_path, os.path.join(out_dir, "tokenizer.json"))
+
+    step, tokens, skipped_total = 0, 0, 0
+    latest = manager.latest() if resume else None
+    if resume and latest is None and dist.is_main:
+        print(f"no checkpoint under {manager.root}: starting from scratch", file=sys.stderr)
+    if latest is not None:
+        state = ckpt.load_checkpoint(latest, model, optimizer, dist)
+        step, tokens, skipped_total = state["step"], state["tokens"], state.get("skipped", 0)
+        loader.load_state_dict(state["data"])
+        if dist.is_main:
+            print(f"resumed from {latest} at step {step}", file=sys.stderr)
+
+    logger = MetricsLogger(out_dir, enabled=dist.is_main, tensorboard=cfg.log.tensorboard)
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.data.grad_accum * dist.world_size
+    bar = None
+    if dist.is_main and cfg.log.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.train.max_steps, initial=step, desc="training", unit="step", dynamic_ncols=True)
+    if dist.is_main:
+        counts = config.param_counts()
+        print(f"model: {counts['total'] / 1e6:.2f}M parameters ({counts['active'] / 1e6:.2f}M active), "
+              f"{config.num_hidden_layers} layers; {dist.world_size} x {dist.device.type}, {precision}; "
+              f"{tokens_per_step} tokens/step", file=sys.stderr)
+
+    def save(at_step: int) -> None:
+        state = {"step": at_step, "tokens": tokens, "skipped": skipped_total, "data": loader.state_dict(),
+                 "config": cfg.to_dict(), "model_config": config.to_dict()}
+        ckpt.save_checkpoint(manager, at_step, model, optimizer, state, tokenizer_path, dist)
+
+    start_time = time.perf_counter()
+    window_time, window_steps = time.perf_counter(), 0
+    first_loss = last_loss = None
+    val_losses = []
+    consecutive_skips = 0
+    stop_reason = "max_steps" if step < cfg.train.max_steps else "already at max_steps"
+    try:
+        while step < cfg.train.max_steps:
+            batches = [loader.next_batch() for _ in range(cfg.data.grad_accum)]
+            loss = forward_backward(model, batches, config, cfg, precision, dist.device)
+            norm = grad_norm_and_clip(model, cfg.optim.grad_clip, dist)
+            check = torch.stack([loss.float(), norm.float().to(loss.device)])
+            if dist.world_size > 1:
+                check = distributed.all_reduce_mean(check, dist)
+            loss_v, norm_v = check.tolist()  # the step's one host sync
+            lr = lr_at(step, cfg.optim.lr, cfg.optim.warmup_steps, cfg.train.max_steps, cfg.optim.min_lr_ratio)
+            if not (math.isfinite(loss_v) and math.isfinite(norm_v)):
+                message = f"non-finite loss at step {step + 1}: loss={loss_v}, grad_norm={norm_v}"
+                if cfg.train.nan_policy == "stop" or consecutive_skips + 1 > cfg.train.nan_max_skips:
+                    raise NonFiniteLossError(
+                        f"{message}; stopping. The last checkpoint is intact ({manager.latest()}); lower optim.lr, "
+                        "or set train.nan_policy=\"skip\" to skip such updates.")
+                consecutive_skips += 1
+                skipped_total += 1
+                optimizer.zero_grad(set_to_none=True)
+                if dist.is_main:
+                    print(f"warning: {message}; update skipped ({consecutive_skips} in a row)", file=sys.stderr)
+            else:
+                consecutive_skips = 0
+                set_lr(optimizer, lr)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                first_loss = loss_v if first_loss is None else first_loss
+                last_loss = loss_v
+            step += 1
+            tokens += tokens_per_step
+            window_steps += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_v:.4f}", lr=f"{lr:.2e}")
+
+            last = step == cfg.train.max_steps
+            out_of_time = cfg.train.max_seconds > 0 and time.perf_counter() - start_time > cfg.train.max_seconds
+            if cfg.train.max_seconds > 0 and dist.world_size > 1:  # every rank must stop at the same step
+                flag = torch.tensor([float(out_of_time)], device=dist.device)
+                out_of_time = float(distributed.all_reduce_mean(flag, dist)) > 0
+            if out_of_time:
+                stop_reason, last = "max_seconds", True
+            if step % cfg.log.interval == 0 or last:
+                elapsed = time.perf_counter() - window_time
+                tps = window_steps * tokens_per_step / max(elapsed, 1e-9)
+                record = {"step": step, "split": "train", "loss": loss_v, "lr": lr, "grad_norm": norm_v,
+                          "tokens": tokens, "tokens_per_s": tps, "skipped": skipped_total,
+                          "elapsed_s": time.perf_counter() - start_time, **probes.read()}
+                if dist.device.type == "cuda":
+                    record["mfu"] = mfu(tps / dist.world_size, config, cfg.data.seq_len)
+                    record["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
+                logger.log(record)
+                window_time, window_steps = time.perf_counter(), 0
+
+            paused = time.perf_counter()  # validation and checkpoint time is kept out of tokens/s
+            if has_val and ((cfg.eval.interval and step % cfg.eval.interval == 0) or last):
+                val = evaluate(model, cfg, val_dir, dist, config, precision)
+                val_losses.append((step, val))
+                logger.log({"step": step, "split": "val", "loss": val, "tokens": tokens})
+                if bar is not None:
+                    bar.write(f"step {step}: val loss {val:.4f}")
+            if (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or last:
+                save(step)
+            window_time += time.perf_counter() - paused
+            if last:
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+        logger.close()
+        probes.remove()
+
+    summary = {"steps": step, "tokens": tokens, "first_loss": first_loss, "last_loss": last_loss,
+               "val_losses": val_losses, "stop_reason": stop_reason, "skipped": skipped_total,
+               "seconds": time.perf_counter() - start_time, "checkpoint": manager.latest() if dist.is_main else None}
+    if cfg.train.export:
+        hf_dir = os.path.join(out_dir, "hf")
+        plain = export_hf(model, config, tokenizer_path, hf_dir, dist)
+        if plain is not None:
+            summary["hf_dir"] = hf_dir
+            if cfg.train.sample_prompt and cfg.train.sample_tokens:
+                summary["sample"] = sample_text(plain.to(dist.device), tokenizer_path, cfg.train.sample_prompt,
+                                                cfg.train.sample_tokens, seed=cfg.train.seed)
+    if dist.is_main:
+        ckpt.write_json_atomic(os.path.join(out_dir, "summary.json"), summary)
+    if dist.world_size > 1:
+        distributed.cleanup(dist)
+    return summary

@@ -1,0 +1,68 @@
+"""The inference benchmarks run end to end in --quick mode and write well-formed results."""
+
+import json
+
+import pytest
+import torch
+
+from openjamba import JambaConfig
+from openjamba.bench.common import parse_list, variant_configs
+from openjamba.bench.decode import step_bytes
+from openjamba.bench_cli import main
+
+
+def test_variants_have_equal_active_parameters_and_the_right_layers():
+    base = JambaConfig.from_name("jamba-1b")
+    v = variant_configs(base)
+    active = {k: c.param_counts()["active"] for k, c in v.items()}
+    for name in ("transformer", "mamba"):
+        assert abs(active[name] - active["jamba"]) < 0.01 * active["jamba"], active
+    assert len(v["transformer"].attention_layer_ids) == base.num_hidden_layers
+    assert v["mamba"].attention_layer_ids == [] and len(v["jamba"].attention_layer_ids) == 2
+    assert parse_list("1K,4k,1M") == [1024, 4096, 1024 ** 2]
+
+
+def test_step_bytes_counts_routed_experts_and_the_cache():
+    cfg = JambaConfig.from_name("jamba-1b")
+    one = step_bytes(cfg, 1, 1024, 2, "grouped_mm")
+    dense = step_bytes(cfg, 1, 1024, 2, "dense")
+    longer = step_bytes(cfg, 1, 1024 + 4096, 2, "grouped_mm")
+    assert dense > one and longer - one == cfg.kv_cache_bytes(4096, 1, 2)
+    # batch 1, top-2 of 8: a quarter of the expert weights are read
+    c = cfg.param_counts()
+    assert abs(one - (dense - 0.75 * c["experts"] * 2)) < 1e3
+
+
+@pytest.mark.parametrize("verb", ["decode", "memory", "prefill", "passkey"])
+def test_quick_benchmarks_write_results(tmp_path, verb):
+    assert main(["bench", verb, "--quick", "--out-dir", str(tmp_path)]) == 0
+    files = list(tmp_path.glob("*.json"))
+    assert len(files) == 1
+    data = json.loads(files[0].read_text())
+    assert "machine" in data
+    if verb == "decode":
+        ok = [p for p in data["points"] if p["status"] == "ok"]
+        assert {p["model"] for p in ok} == {"jamba", "transformer", "mamba"}
+        assert all(p["tokens_per_s"] > 0 for p in ok) and data["ratios"]
+    elif verb == "memory":
+        ok = [p for p in data["points"] if p["status"] == "ok"]
+        assert ok and all(p["cache_measured"] >= p["predicted_kv"] for p in ok)
+    elif verb == "prefill":
+        assert data["status"] == "ok" and data["finite_logits"]
+    else:
+        assert data["all_retrieved"] and all(p["status"] == "ok" for p in data["points"])
+
+
+def test_max_seconds_skips_instead_of_running(tmp_path):
+    main(["bench", "decode", "--quick", "--max-seconds", "0", "--out-dir", str(tmp_path)])
+    data = json.loads((tmp_path / "decode_throughput.json").read_text())
+    assert all(p["status"].startswith("skipped") for p in data["points"])
+
+
+def test_quick_compare_with_transformers(tmp_path):
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    main(["bench", "compare", "--quick", "--out-dir", str(tmp_path)])
+    data = json.loads((tmp_path / "versus_transformers.json").read_text())
+    assert data["same_weights"]
+    assert all(p["status"] == "ok" and p["first_token_agreement"] == 1.0 for p in data["points"])

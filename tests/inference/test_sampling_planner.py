@@ -1,0 +1,98 @@
+"""On-device sampling (seeded, reproducible) and the memory planner."""
+
+import pytest
+import torch
+
+from openjamba import JambaConfig, JambaForCausalLM
+from openjamba.inference import (DoesNotFit, Generator, SamplingParams, check_fits, filter_logits, generate,
+                                 max_batch, plan_memory, sample)
+
+
+def test_sampling_is_reproducible_with_a_seed():
+    logits = torch.randn(4, 100)
+    p = SamplingParams(temperature=1.0, top_k=50, top_p=0.9)
+    a = [sample(logits, p, torch.Generator().manual_seed(3)) for _ in range(2)]
+    assert torch.equal(a[0], a[1])
+    draws = torch.stack([sample(logits, p, g) for g in [torch.Generator().manual_seed(3)] for _ in range(20)])
+    assert len({tuple(d.tolist()) for d in draws}) > 1  # a generator advances: not the same draw forever
+
+
+def test_sampling_follows_the_distribution():
+    logits = torch.log(torch.tensor([[0.7, 0.2, 0.1]])).repeat(20000, 1)
+    draws = sample(logits, SamplingParams(1.0), torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=3).float() / draws.numel()
+    torch.testing.assert_close(freq, torch.tensor([0.7, 0.2, 0.1]), atol=0.015, rtol=0)
+
+
+def test_top_k_top_p_and_greedy():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
+    kept = filter_logits(logits, 2, None)
+    assert torch.isinf(kept[0, 2:]).all() and torch.isfinite(kept[0, :2]).all()
+    # probs ~ [0.64, 0.24, 0.09, 0.03]: top_p 0.7 keeps the first two (0.64 < 0.7 before adding the second)
+    kept = filter_logits(logits, None, 0.7)
+    assert torch.isfinite(kept[0, :2]).all() and torch.isinf(kept[0, 2:]).all()
+    assert sample(logits, SamplingParams(0.0)).item() == 0
+    assert sample(logits, SamplingParams(5.0, top_k=1), torch.Generator().manual_seed(0)).item() == 0
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(1.0, top_p=1.5)
+
+
+def test_generate_sampling_reproducible_and_row_seeds_batch_independent():
+    torch.manual_seed(0)
+    model = JambaForCausalLM(JambaConfig.from_name("jamba-tiny")).eval()
+    ids = torch.randint(0, 128, (2, 6))
+    kw = dict(max_new_tokens=15, temperature=1.0, top_p=0.95, mode="static")
+    a = generate(model, ids, seed=11, **kw)
+    b = generate(model, ids, seed=11, **kw)
+    c = generate(model, ids, seed=12, **kw)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    rows = generate(model, ids, seed=[5, 6], **kw)
+    alone = generate(model, ids[1:], seed=[6], **kw)
+    assert torch.equal(rows[1:], alone)
+
+
+def test_plan_counts_the_cache_exactly():
+    cfg = JambaConfig.from_name("jamba-1b")
+    plan = plan_memory(cfg, torch.bfloat16, batch=2, context=100_000, chunk_size=4096)
+    assert plan.kv_cache == cfg.kv_cache_bytes(100_000, 2, 2)
+    assert plan.weights == cfg.param_counts()["total"] * 2
+    model = JambaForCausalLM(JambaConfig.from_name("jamba-tiny"))
+    cache = model.new_cache(3, 50)
+    p = plan_memory(model.config, torch.float32, 3, 50)
+    assert p.kv_cache + p.mamba_state >= cache.nbytes()["total"]
+    assert p.kv_cache == cache.nbytes()["kv"]
+
+
+def test_planner_refuses_with_the_numbers():
+    cfg = JambaConfig.from_name("jamba-1b")
+    plan = plan_memory(cfg, torch.bfloat16, batch=1, context=1_048_576, chunk_size=16384, budget=2 * 2 ** 30)
+    assert not plan.fits
+    with pytest.raises(DoesNotFit) as err:
+        plan.check()
+    msg = str(err.value)
+    assert "2.00 GiB" in msg and "KV cache 2.00 GiB" in msg and "weights" in msg and "over by" in msg
+    assert plan_memory(cfg, torch.bfloat16, 1, 1_048_576, 16384, budget=100 * 2 ** 30).fits
+    # Prefill activations grow with the chunk, not with the context (bf16: flash takes grouped K/V).
+    a = plan_memory(cfg, torch.bfloat16, 1, 65536, 4096).prefill_peak
+    b = plan_memory(cfg, torch.bfloat16, 1, 1_048_576, 4096).prefill_peak
+    assert b < 1.05 * a
+
+
+def test_max_batch_and_generator_refusal():
+    cfg = JambaConfig.from_name("jamba-1b")
+    budget = 40 * 2 ** 30
+    n = max_batch(cfg, torch.bfloat16, 131072, budget)
+    assert n > 1
+    assert plan_memory(cfg, torch.bfloat16, n, 131072, budget=budget).fits
+    assert not plan_memory(cfg, torch.bfloat16, n + 1, 131072, budget=budget).fits
+    model = JambaForCausalLM(JambaConfig.from_name("jamba-tiny"))
+    with pytest.raises(DoesNotFit, match="needs"):
+        Generator(model, 1, 4096, mode="static", budget=1024)
+
+
+def test_check_fits_counts_weights_before_loading():
+    cfg = JambaConfig.from_name("jamba-1b")
+    weights = cfg.param_counts()["total"] * 2
+    with pytest.raises(DoesNotFit, match="weights 1.47 GiB"):
+        check_fits(cfg, torch.bfloat16, 1, 4096, device="cpu", budget=weights)  # nothing left for the rest
+    assert check_fits(cfg, torch.bfloat16, 1, 4096, device="cpu", budget=4 * weights).fits

@@ -1,0 +1,30 @@
+"""Shared fixtures for the training tests: a small synthetic corpus, a tokenizer and prepared shards."""
+
+from __future__ import annotations
+
+import pytest
+from train_helpers import make_corpus
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> str:
+    return make_corpus(str(tmp_path_factory.mktemp("train_corpus")))
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path(corpus, tmp_path_factory) -> str:
+    from openjamba.train.data import iter_texts
+    from openjamba.train.tokenizer import train_tokenizer
+
+    path = str(tmp_path_factory.mktemp("tok") / "tokenizer.json")
+    train_tokenizer(iter_texts([corpus]), 300, show_progress=False).save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def data_dir(corpus, tokenizer_path, tmp_path_factory) -> str:
+    from openjamba.train.data import prepare
+
+    out = str(tmp_path_factory.mktemp("shards") / "data")
+    prepare([corpus], tokenizer_path, out, val_fraction=0.2, seed=0, workers=1, progress=False)
+    return out
