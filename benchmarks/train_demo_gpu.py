@@ -152,7 +152,7 @@ def main(argv=None) -> int:
         "prepare_seconds": prep_s, "train_seconds": summary["seconds"], "steps": summary["steps"],
         "tokens": summary["tokens"], "median_tokens_per_s": tps, "median_mfu_vs_989": mfus[len(mfus) // 2],
         "first_loss": summary["first_loss"], "last_loss": summary["last_loss"],
-        "val_loss_vs_step": summary["val_losses"], "sample": summary.get("sample"), "png": png,
+        "val_loss_vs_step": summary["val_losses"], "sample": summary.get("sample"), "png": os.path.basename(png) if png else None,
         "peak_mem_gb": train_recs[-1].get("peak_mem_gb"),
     }
     out = os.path.join(RESULTS, f"train_demo_{args.preset}.json")

@@ -5,9 +5,10 @@ filler with one key token hidden at some position; the model must output that ke
 - embedding: token t -> one-hot e_t, plus a constant "bias" channel, plus a "is a key" channel;
 - every Mamba mixer and every FFN has its output projection zeroed, so they add nothing to the residual
   stream: no state can carry the key forward, only attention can fetch it;
-- attention: every query is a large constant on one head dimension, every key carries the "is a key"
-  channel there, so a key token's score beats filler by `margin` (nats) at any distance (no positional
-  encoding); values carry the key token's one-hot; o_proj writes it back to its logit channel, amplified;
+- the first attention layer: every query is a large constant on one head dimension, every key carries the
+  "is a key" channel there, so a key token's score beats filler by `margin` (nats) at any distance (no
+  positional encoding); values carry the key token's one-hot; o_proj writes it back to its logit channel,
+  amplified. Later attention layers are zeroed like the Mamba mixers, so the answer rests on one layer;
 - lm_head reads the token channels.
 So the prediction after any prompt is the hidden key token, retrieved from wherever it is in the cache:
 chunked prefill, the static decode step and the graph must all keep every position visible.
@@ -44,7 +45,8 @@ def make_passkey_model(model, n_keys: int = 16, margin: float = 30.0, gain: floa
     emb[:, bias_ch] = 1.0
     emb[first_key:, key_ch] = 1.0
     model.model.embed_tokens.weight.copy_(emb)
-    for layer in model.model.layers:
+    retrieval_layer = cfg.attention_layer_ids[0]
+    for i, layer in enumerate(model.model.layers):
         layer.input_layernorm.weight.fill_(1.0)
         layer.pre_ff_layernorm.weight.fill_(1.0)
         if layer.is_moe:
@@ -59,10 +61,13 @@ def make_passkey_model(model, n_keys: int = 16, margin: float = 30.0, gain: floa
         attn = layer.self_attn
         for p in (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, attn.o_proj.weight):
             p.zero_()
+        if i != retrieval_layer:
+            continue
         # After RMSNorm a token's channels are scaled by sqrt(H / 3) (key tokens: 3 nonzero channels) or
-        # sqrt(H / 2) (filler). Score gap = q . k * hd^-0.5; choose q so a key token wins by `margin` nats.
+        # sqrt(H / 2) (filler). k = 1 on head dimension 0 for a key token (0 for filler) and q = q_val there,
+        # so the score gap is q_val * hd^-0.5: choose q_val so a key token wins by `margin` nats, whatever H.
         s_key = (H / 3) ** 0.5
-        q_val = margin * hd ** 0.5 / s_key
+        q_val = margin * hd ** 0.5
         for h in range(attn.n_heads):
             attn.q_proj.weight[h * hd, bias_ch] = q_val / (H / 2) ** 0.5  # filler query, scaled back
         for j in range(attn.n_kv):

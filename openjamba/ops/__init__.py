@@ -84,6 +84,12 @@ def get_backend() -> str:
     return _backend
 
 
+def _compiling() -> bool:
+    import torch
+
+    return torch.compiler.is_compiling()
+
+
 def resolve(op: str, on_cuda: bool):
     """The function that runs `op` for tensors on CUDA (on_cuda) or elsewhere, and its backend name."""
     backend = get_backend()
@@ -100,7 +106,7 @@ def resolve(op: str, on_cuda: bool):
             raise BackendUnavailable(f"ops backend 'triton' needs CUDA tensors for {op}")
         else:
             choice, fn = "triton", kernel
-    if (op, choice) not in _logged:
+    if (op, choice) not in _logged and not _compiling():  # logging would break a torch.compile graph
         _logged.add((op, choice))
         logger.info("openjamba op %s: %s backend", op, choice)
     return fn, choice

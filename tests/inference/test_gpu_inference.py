@@ -20,8 +20,8 @@ def _exact_fp32():
 
 def _model(dtype, **overrides):
     torch.manual_seed(0)
-    cfg = JambaConfig.from_name("jamba-tiny", hidden_size=128, num_attention_heads=4, intermediate_size=256,
-                                **overrides)
+    fields = dict(hidden_size=128, num_attention_heads=4, intermediate_size=256)
+    cfg = JambaConfig.from_name("jamba-tiny", **{**fields, **overrides})
     return JambaForCausalLM(cfg).to(device="cuda", dtype=dtype).eval()
 
 
@@ -103,10 +103,22 @@ def test_sampling_seeded_on_gpu():
 
 
 def test_compiled_graph_equals_static_bf16():
+    """Teacher-forced: the compiled, graph-replayed step is as close to fp32 as the static bf16 step.
+
+    (Free-running greedy decoding of a random bf16 model diverges at the first near-tie once Inductor fuses
+    reductions in another order, so the same tokens are fed to every path and the logits are compared.)"""
     model = _model(torch.bfloat16)
+    exact = _model(torch.float32)  # same seed: the same weights, before rounding to bf16
+    exact.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
     ids = torch.randint(0, 128, (4, 40), device="cuda")
-    static = generate(model, ids, max_new_tokens=24, temperature=0, mode="static")
-    compiled = generate(model, ids, max_new_tokens=24, temperature=0, mode="graph", compile=True)
-    # Inductor may fuse reductions in another order: allow a late divergence after a near-tie, not an early one.
-    agree = (static[:, 40:] == compiled[:, 40:]).float()
-    assert agree[:, :8].all() and agree.mean() > 0.9
+    feed = torch.randint(0, 128, (4, 24), device="cuda")
+    gens = [Generator(exact, 4, 128, mode="static"), Generator(model, 4, 128, mode="static"),
+            Generator(model, 4, 128, mode="graph", compile=True)]
+    steps = [[g.prefill(ids).float() for g in gens]]
+    for t in range(feed.shape[1]):
+        steps.append([g.decode_one_token(feed[:, t]).float() for g in gens])
+    err_static = max((s - r).abs().max().item() for r, s, _ in steps)
+    err_compiled = max((c - r).abs().max().item() for r, _, c in steps)
+    scale = max(r.abs().max().item() for r, _, _ in steps)
+    assert all(torch.isfinite(c).all() for _, _, c in steps)
+    assert err_compiled <= 2 * err_static + 1e-2 * scale, (err_compiled, err_static, scale)

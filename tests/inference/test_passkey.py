@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from openjamba import JambaForCausalLM
+from openjamba import JambaConfig, JambaForCausalLM
 from openjamba.inference import generate
 from openjamba.inference.passkey import make_passkey_model, passkey_config, passkey_prompt
 
@@ -40,3 +40,16 @@ def test_key_survives_left_padding_and_batching(model):
     ids[1, :200] = KEY  # padding that would be retrieved if the mask leaked into the attention
     out = generate(model, ids, mask, max_new_tokens=2, temperature=0, mode="static", chunk_size=64)
     assert out[:, -1].tolist() == [KEY, KEY - 5]
+
+
+def test_construction_holds_for_wide_models():
+    """The score margin must not shrink with the hidden size (a wide model at 2K tokens, both dtypes)."""
+    base = JambaConfig.from_name("jamba-tiny", hidden_size=512, num_attention_heads=8, num_key_value_heads=2,
+                                 intermediate_size=64, num_hidden_layers=8, num_experts=2)
+    torch.manual_seed(0)
+    wide = make_passkey_model(JambaForCausalLM(passkey_config(base)).eval())
+    for dtype in (torch.float32, torch.bfloat16):
+        for position in (0, 1500):
+            ids = passkey_prompt(2048, position, KEY, n_filler=48)
+            out = generate(wide.to(dtype), ids, max_new_tokens=2, temperature=0, mode="static", chunk_size=512)
+            assert out[0, -2:].tolist() == [KEY] * 2, (dtype, position)

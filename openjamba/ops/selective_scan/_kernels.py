@@ -139,7 +139,8 @@ def scan_fwd_kernel(
             for k in tl.static_range(1, BLOCK_T // SAVE_T):
                 idx = i * (BLOCK_T // SAVE_T) + k
                 hk = tl.sum(tl.where(offs_t[:, None, None] == k * SAVE_T - 1, H, 0.0), axis=0)
-                tl.store(hsave_ptr + (b * n_save + idx) * N * D + save_offs, hk, mask=mask_nd & (idx < n_save))
+                if idx < n_save:
+                    tl.store(hsave_ptr + (b * n_save + idx) * N * D + save_offs, hk, mask=mask_nd)
         # padded rows carry the state unchanged, so the last row is the state after the block
         h = tl.sum(tl.where(offs_t[:, None, None] == BLOCK_T - 1, H, 0.0), axis=0)
         if PASS == 1:
@@ -155,7 +156,8 @@ def scan_fwd_kernel(
         tl.store(hchunk_ptr + chunk_offs, h, mask=mask_nd)
         tl.store(dsum_ptr + (b * n_chunks + c) * D + offs_d, dsum, mask=mask_d)
     else:
-        tl.store(hlast_ptr + state_base + nd_offs, h, mask=mask_nd & (c == n_chunks - 1))
+        if c == n_chunks - 1:
+            tl.store(hlast_ptr + state_base + nd_offs, h, mask=mask_nd)
 
 
 @triton.jit
