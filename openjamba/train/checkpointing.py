@@ -25,23 +25,17 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..checkpoint import _fsync
+
 LATEST = "latest"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 # Prefixes that wrappers (torch.compile, activation checkpointing, FSDP) add to parameter names.
 _WRAPPER_PARTS = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
 
 
-def _fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_dir(path: str) -> None:
     try:
-        _fsync_file(path)
+        _fsync(path)
     except OSError:  # some filesystems do not allow fsync on a directory
         pass
 
@@ -157,7 +151,7 @@ class CheckpointManager:
     def commit(self, tmp: str, step: int) -> str:
         """fsync `tmp`, move it into place, point `latest` at it, prune old checkpoints."""
         for name in os.listdir(tmp):
-            _fsync_file(os.path.join(tmp, name))
+            _fsync(os.path.join(tmp, name))
         _fsync_dir(tmp)
         final = self.path(step)
         if os.path.exists(final):  # the same step saved again (e.g. after a resume): move the old one aside

@@ -24,10 +24,13 @@ def _usage_error(message: str):
 
 def cmd_tokenizer_train(args) -> int:
     """Train a byte-level BPE tokenizer on text files / directories / .jsonl / .parquet."""
-    from .data import iter_texts, list_documents
+    from .data import MissingDependencyError, iter_texts, list_documents
     from .tokenizer import special_token_ids, train_tokenizer
 
-    n_docs = len(list_documents(args.inputs))
+    try:
+        n_docs = len(list_documents(args.inputs))
+    except (FileNotFoundError, MissingDependencyError) as e:
+        raise _usage_error(str(e)) from None
     tok = train_tokenizer(iter_texts(args.inputs, args.text_field), args.vocab_size,
                           min_frequency=args.min_frequency, length=n_docs)
     out = args.out
@@ -41,7 +44,7 @@ def cmd_tokenizer_train(args) -> int:
 
 def cmd_data_prepare(args) -> int:
     """Tokenise inputs into shuffled uint16/uint32 shards with a train/val split and a JSON index."""
-    from .data import prepare
+    from .data import MissingDependencyError, prepare
 
     if not os.path.exists(args.tokenizer):
         raise _usage_error(f"tokenizer {args.tokenizer!r} does not exist (make one with `openjamba tokenizer train`)")
@@ -50,7 +53,7 @@ def cmd_data_prepare(args) -> int:
     try:
         index = prepare(args.inputs, args.tokenizer, args.out, val_fraction=args.val_fraction, seed=args.seed,
                         workers=args.workers, shard_tokens=args.shard_tokens, text_field=args.text_field)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, MissingDependencyError) as e:
         raise _usage_error(str(e)) from None
     for name, split in index["splits"].items():
         print(f"{name}: {split['docs']:,} documents, {split['tokens']:,} tokens in {len(split['shards'])} shards")

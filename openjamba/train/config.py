@@ -20,11 +20,13 @@ from typing import Any
 
 try:  # Python 3.11+
     import tomllib
-except ModuleNotFoundError:  # pragma: no cover - Python 3.10 needs the `tomli` extra
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10 needs tomli (the `train` extra)
     try:
         import tomli as tomllib
     except ModuleNotFoundError:
         tomllib = None
+
+_NEED_TOMLI = "on Python 3.10 needs tomli: install openjamba[train] (tomli), e.g. pip install 'openjamba[train]'"
 
 
 class TrainConfigError(ValueError):
@@ -71,7 +73,9 @@ class TrainSection:
     max_seconds: float = 0.0  # stop (with a final checkpoint) after this much wall time; 0 = no limit
     seed: int = 0
     device: str = "auto"  # "auto" = cuda if available else cpu
-    precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "autocast", "bf16", "fp32"
+    # "auto" (bf16 autocast on CUDA, fp32 on CPU), "autocast", "bf16", "fp32"; under FSDP2, "autocast" and
+    # "bf16" gather parameters in bf16 and reduce gradients in fp32
+    precision: str = "auto"
     compile: bool = False
     activation_checkpointing: bool = False
     fsdp: bool = True  # used when launched with torchrun (world size > 1)
@@ -209,12 +213,12 @@ def _set(cfg, section, section_name: str, key: str, value: Any) -> None:
 
 def parse_value(text: str) -> Any:
     """A `--set` value as TOML (numbers, booleans, quoted strings, arrays); bare words stay strings."""
-    if tomllib is not None:
-        try:
-            return tomllib.loads(f"v = {text}")["v"]
-        except tomllib.TOMLDecodeError:
-            pass
-    return text
+    if tomllib is None:
+        raise TrainConfigError(f"reading --set values {_NEED_TOMLI}")
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
 
 
 def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
@@ -234,8 +238,8 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Tr
     if path is None:
         cfg = TrainConfig()
     else:
-        if tomllib is None:  # pragma: no cover
-            raise TrainConfigError("reading TOML on Python 3.10 needs `pip install tomli`")
+        if tomllib is None:
+            raise TrainConfigError(f"reading a TOML run file {_NEED_TOMLI}")
         if not os.path.exists(path):
             raise TrainConfigError(f"config file {path} does not exist")
         with open(path, "rb") as f:

@@ -81,11 +81,16 @@ def list_documents(inputs: Iterable[str]) -> list[DocRef]:
     return docs
 
 
+class MissingDependencyError(ImportError):
+    """An input needs an optional package: the message says which, and how to install it."""
+
+
 def _pyarrow_parquet():
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise ImportError("reading .parquet files needs pyarrow: pip install pyarrow") from None
+        raise MissingDependencyError("reading .parquet files needs pyarrow: install openjamba[train] (pyarrow), "
+                                     "e.g. pip install 'openjamba[train]'") from None
     return pq
 
 

@@ -20,6 +20,7 @@ load at any world size and expert-parallel degree; they are safetensors plus JSO
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -95,8 +96,14 @@ def barrier(dist: DistInfo) -> None:
 
 
 def cleanup(dist: DistInfo) -> None:
-    """Destroy the process group, if one was created."""
+    """Wait for every rank, then destroy the process group, if one was created.
+
+    Drop the parallelized model and its optimizer first: FSDP state keeps the group alive, and a group
+    that outlives the interpreter can abort the process at exit (a gloo worker thread still releasing
+    finished work needs the GIL then: "terminate called without an active exception")."""
     if tdist.is_available() and tdist.is_initialized():
+        gc.collect()  # dropped FSDP modules sit in reference cycles
+        barrier(dist)
         tdist.destroy_process_group()
 
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import torch
 from torch import nn
 
 from ..config import JambaConfig
-from ..layers.moe import SparseMoE
 
 H200_BF16_PEAK = 989e12  # dense bf16 tensor-core peak (datasheet)
 H200_BF16_MEASURED = 792e12  # bf16 8192^3 matmul measured on the GPU machine
@@ -28,38 +28,38 @@ def mfu(tokens_per_s: float, config: JambaConfig, seq_len: int, peak: float = H2
 
 
 class Probes:
-    """Forward hooks that accumulate, without any host sync: per MoE layer, how many top-k assignments
-    each expert received; over decoder layers, the largest |activation| in the residual stream.
-    `read()` syncs once and resets."""
+    """Forward hooks on the decoder layers that accumulate, without any host sync, over training-mode
+    forwards: per MoE layer, how many top-k assignments each expert received (from the router ids the
+    layer returns); over all layers, the largest |activation| in the residual stream. `read()` syncs once
+    and resets.
+
+    Create it after `parallelize`: the hooks then sit on the outermost layer modules, whose forward runs
+    once per micro-batch. Activation checkpointing runs the inner layer's forward a second time during the
+    backward, so hooks on it would count every token twice. Eval-mode forwards (validation) are skipped.
+    """
 
     def __init__(self, model: nn.Module):
         self.counts: dict[int, torch.Tensor] = {}
         self.max_act: torch.Tensor | None = None
-        self.handles = []
-        moe_i = 0
-        for module in model.modules():
-            if isinstance(module, SparseMoE):
-                self.handles.append(module.register_forward_hook(self._moe_hook(moe_i, module.num_experts)))
-                moe_i += 1
         layers = getattr(getattr(model, "model", None), "layers", None)
-        for layer in layers or []:
-            self.handles.append(layer.register_forward_hook(self._act_hook))
+        self.handles = [layer.register_forward_hook(self._hook(i)) for i, layer in enumerate(layers or [])]
 
-    def _moe_hook(self, i: int, num_experts: int):
+    def _hook(self, i: int):
         def hook(module, inputs, output):
-            if not (isinstance(output, tuple) and len(output) == 3):
+            if not module.training:
                 return
-            idx = output[2].detach().reshape(-1)
-            # scatter_add keeps a static shape (bincount's would depend on the data), compile-friendly.
-            c = torch.zeros(num_experts, device=idx.device, dtype=torch.float32)
-            c.scatter_add_(0, idx, torch.ones_like(idx, dtype=torch.float32))
-            self.counts[i] = c if i not in self.counts else self.counts[i] + c
+            # a decoder layer returns (hidden states, (router probs (BT, X), top-k ids (BT, K)) or None)
+            h, stats = output if isinstance(output, tuple) else (output, None)
+            m = h.detach().abs().amax().float()
+            self.max_act = m if self.max_act is None else torch.maximum(self.max_act, m)
+            if stats is not None:
+                probs, idx = stats
+                idx = idx.detach().reshape(-1)
+                # scatter_add keeps a static shape (bincount's would depend on the data), compile-friendly.
+                c = torch.zeros(probs.shape[-1], device=idx.device, dtype=torch.float32)
+                c.scatter_add_(0, idx, torch.ones_like(idx, dtype=torch.float32))
+                self.counts[i] = c if i not in self.counts else self.counts[i] + c
         return hook
-
-    def _act_hook(self, module, inputs, output):
-        h = output[0] if isinstance(output, tuple) else output
-        m = h.detach().abs().amax().float()
-        self.max_act = m if self.max_act is None else torch.maximum(self.max_act, m)
 
     def read(self) -> dict[str, float]:
         """expert_load_max / expert_load_min: the largest and smallest fraction of assignments any expert got
@@ -80,8 +80,8 @@ class Probes:
 
 
 class MetricsLogger:
-    """Appends one JSON object per line to <out_dir>/metrics.jsonl, mirrored to TensorBoard when the
-    `tensorboard` package is importable and enabled. Only the main rank writes."""
+    """Appends one JSON object per line to <out_dir>/metrics.jsonl, mirrored to TensorBoard when enabled
+    and the `tensorboard` package (the `train` extra) is importable. Only the main rank writes."""
 
     def __init__(self, out_dir: str, enabled: bool = True, tensorboard: bool = True):
         self.enabled = enabled
@@ -95,10 +95,11 @@ class MetricsLogger:
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-
+            except ImportError:  # optional (the `train` extra); JSONL is always written
+                print(f"tensorboard is not installed: metrics go to {self.path} only (install openjamba[train] "
+                      "for TensorBoard logs, or set log.tensorboard = false)", file=sys.stderr)
+            else:
                 self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
-            except ImportError:  # optional extra; JSONL is always written
-                self.tb = None
 
     def log(self, record: dict) -> None:
         if not self.enabled:

@@ -89,6 +89,12 @@ def needs_parallelize(cfg: TrainConfig, dist) -> bool:
     return dist.world_size > 1 or cfg.train.activation_checkpointing or cfg.train.compile
 
 
+def param_dtype_of(precision: str) -> torch.dtype | None:
+    """The dtype FSDP2 gathers parameters in: bf16 for "autocast" (fp32 master weights, bf16 compute) and
+    "bf16"; None (the parameters' own dtype) for "fp32". Gradients are reduced in fp32 when it is set."""
+    return torch.bfloat16 if precision in ("autocast", "bf16") else None
+
+
 def prepare_model(model, cfg: TrainConfig, dist, precision: str):
     """Move to the device (bf16 weights for precision "bf16"), then apply AC / compile / EP / FSDP2."""
     model = model.to(dist.device)
@@ -97,7 +103,8 @@ def prepare_model(model, cfg: TrainConfig, dist, precision: str):
     if needs_parallelize(cfg, dist):
         model = distributed.parallelize(
             model, dist, fsdp=cfg.train.fsdp and dist.world_size > 1, expert_parallel=cfg.train.expert_parallel,
-            activation_checkpointing=cfg.train.activation_checkpointing, compile=cfg.train.compile)
+            activation_checkpointing=cfg.train.activation_checkpointing, compile=cfg.train.compile,
+            param_dtype=param_dtype_of(precision))
     return model
 
 
@@ -207,8 +214,8 @@ def train(cfg: TrainConfig, resume: bool = False, model: JambaForCausalLM | None
     model = model if model is not None else build_model(cfg, index["vocab_size"], special)
     config = model.config
     precision = precision_of(cfg, dist.device)
-    probes = Probes(model)  # before any wrapping, so hooks sit on the plain modules
     model = prepare_model(model, cfg, dist, precision)
+    probes = Probes(model)  # after any wrapping: hooks on the outermost layers see each forward once
     model.train()
     optimizer = build_optimizer(model, cfg.optim, dist.device)
     loader = PackedLoader(cfg.data.train, "train", cfg.data.seq_len, cfg.data.batch_size, rank=dist.rank,
@@ -349,5 +356,6 @@ def train(cfg: TrainConfig, resume: bool = False, model: JambaForCausalLM | None
     if dist.is_main:
         ckpt.write_json_atomic(os.path.join(out_dir, "summary.json"), summary)
     if dist.world_size > 1:
+        del model, optimizer  # they hold the process group (see distributed.cleanup)
         distributed.cleanup(dist)
     return summary

@@ -3,7 +3,19 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from train_helpers import make_corpus
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_intra_op_thread():
+    """In-process training runs on one thread. The models are tiny, so a second thread gains nothing, and
+    under pytest-xdist (one worker per core) OpenMP threads oversubscribe the cores: every op then waits
+    for a descheduled thread and a run gets several times slower. Subprocesses get OMP_NUM_THREADS=1."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

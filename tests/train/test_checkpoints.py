@@ -128,8 +128,19 @@ def _losses(out_dir: str) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_jsonl(os.path.join(out_dir, "metrics.jsonl")) if r["split"] == "train"}
 
 
+def _steps_logged(out_dir: str) -> int:
+    """Complete lines in metrics.jsonl: the last step finished (one train record per step, no validation)."""
+    try:
+        with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+            return f.read().count("\n")
+    except FileNotFoundError:
+        return 0
+
+
 def test_sigkill_then_resume_is_bit_identical(data_dir, tmp_path):
-    overrides = dict(train={"max_steps": 60}, checkpoint={"interval": 5, "keep_last": 2}, eval={"interval": 0})
+    steps, interval = 30, 4
+    overrides = dict(train={"max_steps": steps}, checkpoint={"interval": interval, "keep_last": 2},
+                     eval={"interval": 0})
     ref_cfg = tiny_config(data_dir, str(tmp_path / "ref"), **overrides)
     ref = _launch(ref_cfg, str(tmp_path / "ref.toml"))
     rng = random.Random()
@@ -138,12 +149,13 @@ def test_sigkill_then_resume_is_bit_identical(data_dir, tmp_path):
         cfg = tiny_config(data_dir, out, **overrides)
         proc = _launch(cfg, str(tmp_path / f"killed{attempt}.toml"))
         latest = os.path.join(out, "checkpoints", "latest")
-        while not os.path.exists(latest) and proc.poll() is None:
-            time.sleep(0.01)
-        time.sleep(rng.uniform(0.0, 0.4))  # a random moment after the first checkpoint
+        kill_after = rng.randint(interval + 1, steps - 8)  # a random step after the first checkpoint
+        while proc.poll() is None and not (os.path.exists(latest) and _steps_logged(out) >= kill_after):
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0.0, 0.02))  # and a random moment within a step (or a checkpoint write)
         proc.send_signal(signal.SIGKILL)
         _, err = proc.communicate()
-        if proc.returncode == -signal.SIGKILL and max(_losses(out)) < 60:
+        if proc.returncode == -signal.SIGKILL and max(_losses(out)) < steps:
             break
     else:
         pytest.fail(f"the training process was not killed mid-run (exit code {proc.returncode}): {err[-2000:]}")
@@ -156,9 +168,9 @@ def test_sigkill_then_resume_is_bit_identical(data_dir, tmp_path):
     _, ref_err = ref.communicate(timeout=300)
     assert ref.returncode == 0, ref_err
     want, got = _losses(str(tmp_path / "ref")), _losses(out)
-    assert sorted(got) == list(range(1, 61))
-    after = [s for s in range(resumed_at + 1, 61)]
+    assert sorted(got) == list(range(1, steps + 1))
+    after = [s for s in range(resumed_at + 1, steps + 1)]
     assert after and [got[s] for s in after] == [want[s] for s in after]  # bit-identical floats
-    final_ref = load_file(os.path.join(tmp_path, "ref", "checkpoints", "step_00000060", "model.safetensors"))
-    final = load_file(os.path.join(out, "checkpoints", "step_00000060", "model.safetensors"))
+    final_ref = load_file(os.path.join(tmp_path, "ref", "checkpoints", f"step_{steps:08d}", "model.safetensors"))
+    final = load_file(os.path.join(out, "checkpoints", f"step_{steps:08d}", "model.safetensors"))
     assert final.keys() == final_ref.keys() and all(torch.equal(final[k], final_ref[k]) for k in final)

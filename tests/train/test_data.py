@@ -5,13 +5,16 @@ from __future__ import annotations
 import filecmp
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer
 
-from openjamba.train.data import PackedLoader, TokenStream, list_documents, prepare, read_document, read_index
+from openjamba.cli import main
+from openjamba.train.data import (MissingDependencyError, PackedLoader, TokenStream, list_documents, prepare,
+                                  read_document, read_index)
 
 
 def _split_tokens(data_dir: str, split: str) -> np.ndarray:
@@ -128,3 +131,15 @@ def test_parquet_input_reads_the_text_column(tokenizer_path, tmp_path):
     tok = Tokenizer.from_file(tokenizer_path)
     text = tok.decode(np.concatenate([_split_tokens(str(tmp_path / "out"), s) for s in ("val", "train")]).tolist())
     assert sorted(text.split("row ")[1:]) == sorted(t[4:] for t in texts)
+
+
+def test_parquet_without_pyarrow_says_what_to_install(tokenizer_path, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # imports fail as if pyarrow were not installed
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    (tmp_path / "rows.parquet").write_bytes(b"PAR1")
+    with pytest.raises(MissingDependencyError, match=r"install openjamba\[train\] \(pyarrow\)"):
+        list_documents([str(tmp_path)])
+    for argv in (["data", "prepare", str(tmp_path), "--tokenizer", tokenizer_path, "--out", str(tmp_path / "out")],
+                 ["tokenizer", "train", str(tmp_path), "--out", str(tmp_path / "tok.json")]):
+        assert main(argv) == 2
+        assert "reading .parquet files needs pyarrow: install openjamba[train] (pyarrow)" in capsys.readouterr().err

@@ -101,6 +101,18 @@ def test_toml_run_file_with_overrides(tmp_path):
         load_config(str(tmp_path / "bad.toml"))
 
 
+def test_toml_without_a_parser_says_what_to_install(tmp_path, monkeypatch):
+    from openjamba.train import config
+
+    monkeypatch.setattr(config, "tomllib", None)  # Python 3.10 without tomli
+    (tmp_path / "run.toml").write_text("[train]\nmax_steps = 3\n")
+    with pytest.raises(TrainConfigError, match=r"run file on Python 3.10 needs tomli: install openjamba\[train\]"):
+        load_config(str(tmp_path / "run.toml"))
+    with pytest.raises(TrainConfigError, match=r"--set values on Python 3.10 needs tomli"):
+        load_config(None, ["train.max_steps=3"])
+    assert load_config(None).train.max_steps == 1000  # the defaults need no parser
+
+
 def test_example_run_files_load_and_name_valid_models():
     import glob
     import os

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import copy
 import os
+import sys
 
 import pytest
 import torch
 
 from openjamba.config import JambaConfig
 from openjamba.model import JambaForCausalLM
-from openjamba.train.trainer import NonFiniteLossError, train
+from openjamba.train import distributed
+from openjamba.train.config import TrainConfig
+from openjamba.train.distributed import DistInfo, parallelize
+from openjamba.train.metrics import MetricsLogger, Probes, read_metrics
+from openjamba.train.trainer import NonFiniteLossError, prepare_model, train
 
 from train_helpers import read_jsonl, tiny_config
 
@@ -87,6 +93,67 @@ def test_resume_in_process_matches_an_uninterrupted_run(data_dir, tmp_path):
     want = {r["step"]: r["loss"] for r in read_jsonl(str(tmp_path / "full" / "metrics.jsonl")) if r["split"] == "train"}
     got = {r["step"]: r["loss"] for r in read_jsonl(str(tmp_path / "part" / "metrics.jsonl")) if r["split"] == "train"}
     assert got == want
+
+
+def test_probes_count_each_assignment_once_with_activation_checkpointing():
+    """The backward's recompute of a checkpointed layer and eval-mode forwards are not counted."""
+    torch.manual_seed(0)
+    base = JambaForCausalLM(JambaConfig.from_name("jamba-tiny"))  # 2 MoE layers, 4 experts, top-2
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    seen = []
+    for ac in (False, True):
+        model = parallelize(copy.deepcopy(base), DistInfo(), activation_checkpointing=ac)
+        probes = Probes(model)
+        model(ids, labels=ids).loss.backward()
+        counts = {i: c.clone() for i, c in probes.counts.items()}
+        assert len(counts) == 2 and all(c.sum() == 2 * 16 * 2 for c in counts.values())  # tokens x top-k
+        model.eval()
+        with torch.no_grad():
+            model(ids)  # a validation pass
+        assert all(torch.equal(probes.counts[i], c) for i, c in counts.items())
+        seen.append((counts, probes.read()))
+        probes.remove()
+    (plain, plain_read), (ckpt, ckpt_read) = seen
+    assert plain.keys() == ckpt.keys() and all(torch.equal(plain[i], ckpt[i]) for i in plain)
+    assert plain_read == ckpt_read and plain_read["max_activation"] > 0
+
+
+def test_metrics_are_identical_with_activation_checkpointing(data_dir, tmp_path):
+    metrics = []
+    for ac in (False, True):
+        out = tmp_path / f"ac_{ac}"
+        train(tiny_config(data_dir, str(out), train={"max_steps": 4, "activation_checkpointing": ac},
+                          eval={"interval": 2}, checkpoint={"interval": 0}))
+        metrics.append([{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s")}
+                        for r in read_jsonl(str(out / "metrics.jsonl"))])
+    assert metrics[0] == metrics[1]
+    last = [r for r in metrics[0] if r["split"] == "train"][-1]
+    assert {"expert_load_max", "expert_load_min", "max_activation"} <= last.keys()
+
+
+@pytest.mark.parametrize("precision, dtype", [("autocast", torch.bfloat16), ("bf16", torch.bfloat16),
+                                              ("fp32", None)])
+def test_fsdp_param_dtype_follows_precision(monkeypatch, precision, dtype):
+    seen = {}
+
+    def fake_parallelize(model, dist, **kwargs):
+        seen.update(kwargs)
+        return model
+
+    monkeypatch.setattr(distributed, "parallelize", fake_parallelize)
+    cfg = TrainConfig()
+    cfg.train.precision = precision
+    prepare_model(JambaForCausalLM(JambaConfig.from_name("jamba-tiny")), cfg, DistInfo(world_size=2), precision)
+    assert seen["fsdp"] and seen["param_dtype"] == dtype
+
+
+def test_metrics_logger_without_tensorboard_says_what_to_install(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
+    logger = MetricsLogger(str(tmp_path), tensorboard=True)
+    logger.log({"step": 1, "split": "train", "loss": 2.5})
+    logger.close()
+    assert "install openjamba[train]" in capsys.readouterr().err
+    assert read_metrics(str(tmp_path / "metrics.jsonl")) == [{"step": 1, "split": "train", "loss": 2.5}]
 
 
 @pytest.mark.gpu

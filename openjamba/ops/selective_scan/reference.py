@@ -8,13 +8,33 @@ Shapes (channel-last, as the model produces them; L = time, D = channels, N = st
     h_t   = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t
     y_t   = <h_t, C_t> + D_skip * u_t ;   y_t *= silu(z_t)  (when z is given)
 
-Both functions compute in fp32 and return y in u's dtype and the final state in fp32.
+Both functions compute in fp32 and return y in u's dtype and the final state in fp32, also inside an
+autocast region (autocast would otherwise run the einsums in bf16/fp16).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 import torch.nn.functional as F
+
+
+def _no_autocast(t):
+    """Turn autocast off for the scan on t's device (a no-op context where autocast does not exist)."""
+    if torch.amp.is_autocast_available(t.device.type):
+        return torch.autocast(t.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _autocast_off(fn):
+    """Run a scan with autocast off on its input's device: the einsums stay in the compute dtype."""
+    @functools.wraps(fn)
+    def wrapper(u, *args, **kwargs):
+        with _no_autocast(u):
+            return fn(u, *args, **kwargs)
+    return wrapper
 
 
 def _acc(t):
@@ -40,6 +60,7 @@ def _finish(y, u, D_skip, z, dtype):
     return y.to(dtype)
 
 
+@_autocast_off
 def selective_scan_ref(u, delta, A, B, C, D_skip=None, z=None, delta_bias=None, delta_softplus=True,
                        initial_state=None):
     """The specification: a sequential loop over time in fp32. Returns (y, final_state)."""
@@ -102,31 +123,35 @@ class _ChunkedScan(torch.autograd.Function):
     def backward(ctx, gy, gh):
         delta, A, B, C, u, *bounds = ctx.saved_tensors
         chunk, L = ctx.chunk, u.shape[1]
-        gy = torch.zeros_like(u) if gy is None else gy
-        carry = torch.zeros_like(bounds[0]) if gh is None else gh  # dLoss/dh at the end of the chunk
+        # The incoming gradients take the compute dtype (fp32/fp64): one in bf16, as an output used under
+        # autocast produces, must not meet the fp32 states in the einsums below.
+        gy = torch.zeros_like(u) if gy is None else gy.to(u.dtype)
+        carry = torch.zeros_like(bounds[0]) if gh is None else gh.to(bounds[0].dtype)  # dLoss/dh at the chunk end
         g_delta, g_u = torch.empty_like(delta), torch.empty_like(u)
         g_B, g_C = torch.empty_like(B), torch.empty_like(C)
         g_A = torch.zeros_like(A)
-        for c in reversed(range(len(bounds))):
-            sl = slice(c * chunk, min((c + 1) * chunk, L))
-            d, uu, Bc, Cc = delta[:, sl, :, None], u[:, sl, :, None], B[:, sl, None, :], C[:, sl, None, :]
-            dA = torch.exp(d * A)  # (B, T, D, N)
-            hs = _scan_chunk(dA, d * Bc * uu, bounds[c])
-            h_prev = torch.cat([bounds[c][:, None], hs[:, :-1]], dim=1)
-            # adjoint, scanned in reverse time: g_t = gy_t C_t + dA_{t+1} g_{t+1}, g_last = gy C + carry
-            a_rev = torch.cat([dA[:, 1:], torch.ones_like(dA[:, :1])], dim=1).flip(1)
-            g = _scan_chunk(a_rev, (gy[:, sl, :, None] * Cc).flip(1), carry).flip(1)  # (B, T, D, N)
-            g_C[:, sl] = torch.einsum("btdn,btd->btn", hs, gy[:, sl])
-            g_dA = g * h_prev * dA  # d/d(delta A) of exp(delta A)
-            g_x = g  # x = delta B u
-            g_delta[:, sl] = (g_dA * A).sum(-1) + (g_x * Bc * uu).sum(-1)
-            g_A += torch.einsum("btdn,btd->dn", g_dA, delta[:, sl])
-            g_B[:, sl] = torch.einsum("btdn,btd->btn", g_x, delta[:, sl] * u[:, sl])
-            g_u[:, sl] = (g_x * Bc).sum(-1) * delta[:, sl]
-            carry = g[:, 0] * dA[:, 0]
+        with _no_autocast(u):  # a backward called inside an autocast region still computes in fp32
+            for c in reversed(range(len(bounds))):
+                sl = slice(c * chunk, min((c + 1) * chunk, L))
+                d, uu, Bc, Cc = delta[:, sl, :, None], u[:, sl, :, None], B[:, sl, None, :], C[:, sl, None, :]
+                dA = torch.exp(d * A)  # (B, T, D, N)
+                hs = _scan_chunk(dA, d * Bc * uu, bounds[c])
+                h_prev = torch.cat([bounds[c][:, None], hs[:, :-1]], dim=1)
+                # adjoint, scanned in reverse time: g_t = gy_t C_t + dA_{t+1} g_{t+1}, g_last = gy C + carry
+                a_rev = torch.cat([dA[:, 1:], torch.ones_like(dA[:, :1])], dim=1).flip(1)
+                g = _scan_chunk(a_rev, (gy[:, sl, :, None] * Cc).flip(1), carry).flip(1)  # (B, T, D, N)
+                g_C[:, sl] = torch.einsum("btdn,btd->btn", hs, gy[:, sl])
+                g_dA = g * h_prev * dA  # d/d(delta A) of exp(delta A)
+                g_x = g  # x = delta B u
+                g_delta[:, sl] = (g_dA * A).sum(-1) + (g_x * Bc * uu).sum(-1)
+                g_A += torch.einsum("btdn,btd->dn", g_dA, delta[:, sl])
+                g_B[:, sl] = torch.einsum("btdn,btd->btn", g_x, delta[:, sl] * u[:, sl])
+                g_u[:, sl] = (g_x * Bc).sum(-1) * delta[:, sl]
+                carry = g[:, 0] * dA[:, 0]
         return g_delta, g_A, g_B, g_C, g_u, carry, None
 
 
+@_autocast_off
 def selective_scan_chunked(u, delta, A, B, C, D_skip=None, z=None, delta_bias=None, delta_softplus=True,
                            initial_state=None, chunk_size: int = 16):
     """Same function as `selective_scan_ref`, parallel within chunks of `chunk_size` steps.
