@@ -58,6 +58,7 @@ def quickstart_config(out_dir: str) -> TrainConfig:
     cfg.eval.interval, cfg.eval.steps = 100, 8
     cfg.checkpoint.interval, cfg.checkpoint.keep_last = 100, 2
     cfg.log.interval = 10
+    cfg.log.tensorboard = False  # metrics.jsonl only: the quick start needs no extra packages
     return cfg
 
 
