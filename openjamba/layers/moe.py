@@ -21,7 +21,16 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
     def forward(self, x_TH, top_w_TK, top_idx_TK):
-        return ops.moe_experts(x_TH, top_w_TK, top_idx_TK, self.gate_up_proj, self.down_proj)
+        w_gate_up, w_down = self.gate_up_proj, self.down_proj
+        device = x_TH.device.type
+        if torch.is_autocast_enabled(device):
+            # The experts are matmuls: under autocast they run in its dtype, as nn.Linear does (fp32 master
+            # weights would otherwise send the grouped GEMM to a slow fp32 path). Gradients reach the fp32
+            # weights through the casts.
+            dtype = torch.get_autocast_dtype(device)
+            x_TH, top_w_TK = x_TH.to(dtype), top_w_TK.to(dtype)
+            w_gate_up, w_down = w_gate_up.to(dtype), w_down.to(dtype)
+        return ops.moe_experts(x_TH, top_w_TK, top_idx_TK, w_gate_up, w_down)
 
 
 class SparseMoE(nn.Module):

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from openjamba import JambaConfig, JambaForCausalLM
 from openjamba.cache import CacheFullError
+from openjamba.ops import moe_experts_ref
 
 
 def _model(seed=0, **overrides):
@@ -137,3 +138,25 @@ def test_bad_inputs_raise_clear_errors():
         model(torch.zeros(2, 3, dtype=torch.long), cache=cache)
     with pytest.raises(TypeError, match="JambaConfig"):
         JambaForCausalLM({"hidden_size": 4})
+
+
+def test_experts_run_in_the_autocast_dtype():
+    """Under autocast the expert matmuls run in its dtype (like nn.Linear), and fp32 weights get gradients."""
+    from openjamba.layers.moe import SparseMoE
+
+    torch.manual_seed(0)
+    moe = SparseMoE(JambaConfig.from_name("jamba-tiny"))
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(2, 5, moe.router.in_features)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, probs, idx = moe(x)
+    assert out.dtype == torch.bfloat16
+    # the same experts, given bf16 inputs and weights explicitly, without autocast
+    top_w = probs.gather(1, idx).to(torch.bfloat16)
+    want = moe_experts_ref(x.reshape(-1, x.shape[-1]).bfloat16(), top_w, idx,
+                           moe.experts.gate_up_proj.bfloat16(), moe.experts.down_proj.bfloat16())
+    assert torch.equal(out.reshape(-1, x.shape[-1]), want)
+    out.float().square().sum().backward()
+    for p in (moe.experts.gate_up_proj, moe.experts.down_proj):
+        assert p.grad is not None and p.grad.dtype == torch.float32 and p.grad.abs().sum() > 0
