@@ -5,7 +5,7 @@ import torch
 
 from openjamba import JambaConfig, JambaForCausalLM
 from openjamba.inference import Generator, generate, moe_forward_static
-from openjamba.inference.step import resolve_moe_impl
+from openjamba.inference.step import grouped_mm_works, resolve_moe_impl
 
 
 def _model(**overrides):
@@ -83,6 +83,13 @@ def test_sync_free_moe_routings_match_reference():
             torch.testing.assert_close(moe_forward_static(moe, x, impl), want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="unknown MoE"):
         resolve_moe_impl("bogus", "cpu", torch.float32)
+
+
+def test_grouped_mm_is_not_chosen_where_it_would_sync():
+    """On CUDA only bf16 runs torch._grouped_mm without reading offsets on the host (graph capture)."""
+    assert "host-synchronising" in grouped_mm_works("cuda", torch.float32)
+    with pytest.raises(RuntimeError, match="host-synchronising"):
+        resolve_moe_impl("grouped_mm", "cuda", torch.float16)
 
 
 def test_eos_stops_and_pads():
