@@ -6,6 +6,7 @@ time) in a JSON file, and draw a PNG when matplotlib is installed (`pip install 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -93,6 +94,18 @@ def free_memory(device) -> None:
 
 def is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+@contextlib.contextmanager
+def oom_as_status(point: dict):
+    """Run one benchmark point: running out of device memory sets point["status"] = "out of memory" (the
+    point is recorded, the benchmark goes on); any other error propagates."""
+    try:
+        yield
+    except (RuntimeError, torch.OutOfMemoryError) as e:
+        if not is_oom(e):
+            raise
+        point["status"] = "out of memory"
 
 
 class Deadline:

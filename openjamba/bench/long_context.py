@@ -18,7 +18,7 @@ import torch
 
 from ..inference import DoesNotFit, Generator, plan_memory
 from ..inference.passkey import make_passkey_model, passkey_config, passkey_prompt
-from .common import Deadline, build_model, fmt_tokens, free_memory, is_oom, sync, write_json
+from .common import Deadline, build_model, fmt_tokens, free_memory, is_oom, oom_as_status, sync, write_json
 
 
 def _prefill_timed(gen, ids, chunk: int, deadline: Deadline) -> tuple[float, int, torch.Tensor | None]:
@@ -105,7 +105,7 @@ def run_passkey(base_config, contexts, positions=(0.0, 0.5), dtype=torch.bfloat1
             if deadline.expired():
                 points.append(dict(point, status="skipped: --max-seconds reached"))
                 continue
-            try:
+            with oom_as_status(point):
                 if gen is None:
                     gen = Generator(model, 1, ctx + 4, mode=mode, chunk_size=chunk_size)
                 gen.reset()
@@ -118,10 +118,6 @@ def run_passkey(base_config, contexts, positions=(0.0, 0.5), dtype=torch.bfloat1
                 new = torch.cat([first[:, None], gen.decode_n_tokens(first, 3)], 1)[0].tolist()
                 point.update(status="ok", retrieved=all(t == key for t in new), tokens=new, key=key,
                              prefill_s=seconds)
-            except (RuntimeError, torch.OutOfMemoryError) as e:
-                if not is_oom(e):
-                    raise
-                point["status"] = "out of memory"
             points.append(point)
             print(f"passkey ctx {fmt_tokens(ctx):>6} key at {pos:>8}: {point.get('retrieved', point['status'])}",
                   flush=True)

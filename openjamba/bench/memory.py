@@ -15,7 +15,7 @@ import torch
 
 from ..inference import Generator, plan_memory
 from ..memory import memory_report
-from .common import VARIANTS, Deadline, build_model, fmt_tokens, free_memory, is_oom, pyplot, sync, variant_configs, write_json
+from .common import VARIANTS, Deadline, build_model, fmt_tokens, free_memory, oom_as_status, pyplot, sync, variant_configs, write_json
 
 _DTYPE_NAME = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
@@ -67,13 +67,9 @@ def run_memory(base_config, contexts, variants=VARIANTS, batch: int = 1, dtype=t
             if deadline.expired():
                 points.append(dict(point, status="skipped: --max-seconds reached"))
                 continue
-            try:
+            with oom_as_status(point):
                 point.update(measure_cache(model, batch, ctx), status="ok")
                 point["measured_over_predicted"] = point["cache_measured"] / max(point["predicted_cache"], 1)
-            except (RuntimeError, torch.OutOfMemoryError) as e:
-                if not is_oom(e):
-                    raise
-                point["status"] = "out of memory"
             free_memory(device)
             points.append(point)
             if point["status"] == "ok":

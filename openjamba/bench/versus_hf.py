@@ -13,7 +13,7 @@ import time
 import torch
 
 from ..inference import generate as fast_generate
-from .common import Deadline, build_model, free_memory, is_oom, sync, write_json
+from .common import Deadline, build_model, free_memory, oom_as_status, sync, write_json
 
 
 def _hf_model(config, device, dtype):
@@ -57,7 +57,7 @@ def run_versus_hf(config, prompt_len: int = 512, new_tokens: int = 128, batches=
             points.append(dict(point, status="skipped: --max-seconds reached"))
             continue
         ids = torch.randint(0, config.vocab_size, (B, prompt_len), device=device)
-        try:
+        with oom_as_status(point):
             t_ours, out_ours = _timed(lambda: fast_generate(ours, ids, max_new_tokens=new_tokens, temperature=0,
                                                             mode=mode, compile=compile), device)
             point.update(ours_s=t_ours, ours_tokens_per_s=B * new_tokens / t_ours)
@@ -75,10 +75,6 @@ def run_versus_hf(config, prompt_len: int = 512, new_tokens: int = 128, batches=
             else:
                 point["hf"] = "skipped: --max-seconds reached"
             point["status"] = "ok"
-        except (RuntimeError, torch.OutOfMemoryError) as e:
-            if not is_oom(e):
-                raise
-            point["status"] = "out of memory"
         free_memory(device)
         points.append(point)
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in point.items()}, flush=True)

@@ -78,7 +78,6 @@ def set_backend(name: str) -> None:
 
 
 def get_backend() -> str:
-    global _backend
     if _backend is None:
         set_backend(os.environ.get("OPENJAMBA_BACKEND", "auto"))
     return _backend

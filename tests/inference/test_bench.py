@@ -66,3 +66,15 @@ def test_quick_compare_with_transformers(tmp_path):
     data = json.loads((tmp_path / "versus_transformers.json").read_text())
     assert data["same_weights"]
     assert all(p["status"] == "ok" and p["first_token_agreement"] == 1.0 for p in data["points"])
+
+
+def test_out_of_memory_is_recorded_and_other_errors_propagate():
+    from openjamba.bench.common import oom_as_status
+
+    point = {}
+    with oom_as_status(point):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert point["status"] == "out of memory"
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        with oom_as_status({}):
+            raise RuntimeError("shape mismatch")

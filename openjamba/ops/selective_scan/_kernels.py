@@ -71,6 +71,20 @@ def _delta_act(raw, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
 
 
 @triton.jit
+def _channel_params(A_ptr, bias_ptr, Dsk_ptr, offs_d, mask_d, nd_offs, mask_nd, HAS_BIAS: tl.constexpr,
+                    HAS_D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A block of channels' A (BN, BD), delta bias and D skip (BD,), all fp32 (zeros when absent)."""
+    A = tl.load(A_ptr + nd_offs, mask=mask_nd, other=0.0).to(tl.float32)
+    bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    Dv = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_D:
+        Dv = tl.load(Dsk_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    return A, bias, Dv
+
+
+@triton.jit
 def scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, Dsk_ptr, z_ptr, bias_ptr, h0_ptr,
     y_ptr, hlast_ptr, hsave_ptr, hchunk_ptr, dsum_ptr,
@@ -100,13 +114,9 @@ def scan_fwd_kernel(
     nd_offs = offs_n[:, None] + offs_d[None, :] * N  # (BN, BD) into (D, N)-shaped tensors
     save_offs = offs_n[:, None] * D + offs_d[None, :]  # (BN, BD) into the (N, D) saved states
 
-    A2 = tl.load(A_ptr + nd_offs, mask=mask_nd, other=0.0).to(tl.float32) * LOG2E
-    bias = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    Dv = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_D:
-        Dv = tl.load(Dsk_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    A, bias, Dv = _channel_params(A_ptr, bias_ptr, Dsk_ptr, offs_d, mask_d, nd_offs, mask_nd, HAS_BIAS, HAS_D,
+                                  BLOCK_D)
+    A2 = A * LOG2E
     state_base = b * D * N
     h = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     chunk_offs = (b * n_chunks + c) * N * D + save_offs
@@ -186,14 +196,9 @@ def scan_bwd_kernel(
     nd_offs = offs_n[:, None] + offs_d[None, :] * N
     save_offs = offs_n[:, None] * D + offs_d[None, :]
 
-    A = tl.load(A_ptr + nd_offs, mask=mask_nd, other=0.0).to(tl.float32)  # (BN, BD)
+    A, bias, Dv = _channel_params(A_ptr, bias_ptr, Dsk_ptr, offs_d, mask_d, nd_offs, mask_nd, HAS_BIAS, HAS_D,
+                                  BLOCK_D)  # A: (BN, BD)
     A2 = A * LOG2E
-    bias = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    Dv = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_D:
-        Dv = tl.load(Dsk_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     state_base = b * D * N
     carry = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)  # exp(delta_{e+1} A) dh_{e+1}, e = block end
     if HAS_DHLAST:
