@@ -32,9 +32,55 @@ EOS_CHECK_EVERY = {"cuda": 16}
 
 
 # ---------------------------------------------------------------------------------------------- sampling
+def check_sampling(temperature, top_k, top_p) -> None:
+    """Raise a ValueError naming the sampling argument that is out of range."""
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature >= 0:
+        raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+    if top_p is not None and (not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """Set logits outside the top-k and outside the top-p nucleus to -inf. logits: (B, V) fp32."""
+    V = logits.shape[-1]
+    if top_k is not None and top_k < V:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        sorted_probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the tokens ranked above it already reach top_p; the top token always stays.
+        drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def exponential_noise(probs: torch.Tensor, generators) -> torch.Tensor:
+    """Exponential(1) noise shaped like probs, clamped away from 0 so probs / q stays finite. `generators`:
+    None (global RNG), one torch.Generator, or one per row (a row's draw then ignores its batch-mates)."""
+    tiny = torch.finfo(probs.dtype).tiny
+    if isinstance(generators, list):
+        rows = [torch.empty_like(probs[b:b + 1]).exponential_(1, generator=g) for b, g in enumerate(generators)]
+        return torch.cat(rows).clamp_(min=tiny)
+    return torch.empty_like(probs).exponential_(1, generator=generators).clamp_(min=tiny)
+
+
+def draw(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+         generators=None) -> torch.Tensor:
+    """logits (B, V) -> token ids (B,): greedy at temperature 0, else a categorical draw from the filtered
+    softmax as argmax(probs / q), q ~ Exponential(1): elementwise ops and an argmax, no host sync."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(filter_logits(logits.float() / temperature, top_k, top_p), dim=-1)  # (B, V)
+    return probs.div_(exponential_noise(probs, generators)).argmax(dim=-1)
+
+
 @dataclass
 class Sampler:
-    """Turns last-position logits (B, V) into tokens (B,) without a device-to-host sync.
+    """Turns last-position logits (B, V) into tokens (B,) without a device-to-host sync (see `draw`).
 
     temperature 0 is greedy; otherwise logits / temperature, then top-k, then top-p (nucleus) filtering,
     then a categorical draw. `generators` is None (global RNG), one torch.Generator for the whole batch,
@@ -47,35 +93,11 @@ class Sampler:
     generators: torch.Generator | list[torch.Generator] | None = None
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.temperature == 0:
-            return logits.argmax(dim=-1)
-        probs = torch.softmax(self.filter(logits.float() / self.temperature), dim=-1)  # (B, V)
-        return probs.div_(self._exponential(probs)).argmax(dim=-1)
+        return draw(logits, self.temperature, self.top_k, self.top_p, self.generators)
 
     def filter(self, logits: torch.Tensor) -> torch.Tensor:
         """Set logits outside the top-k and outside the top-p nucleus to -inf. logits: (B, V) fp32."""
-        V = logits.shape[-1]
-        if self.top_k is not None and self.top_k < V:
-            kth = torch.topk(logits, self.top_k, dim=-1).values[:, -1:]  # (B, 1)
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if self.top_p is not None and self.top_p < 1.0:
-            sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-            sorted_probs = torch.softmax(sorted_logits, dim=-1)
-            # Drop a token when the tokens ranked above it already reach top_p; the top token always stays.
-            drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= self.top_p
-            drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-            logits = logits.masked_fill(drop, float("-inf"))
-        return logits
-
-    def _exponential(self, probs: torch.Tensor) -> torch.Tensor:
-        """Exponential(1) noise shaped like probs, clamped away from 0 so probs / q stays finite."""
-        tiny = torch.finfo(probs.dtype).tiny
-        if isinstance(self.generators, list):
-            # One draw per row from that row's generator: a row's tokens do not depend on its batch-mates.
-            rows = [torch.empty_like(probs[b:b + 1]).exponential_(1, generator=g)
-                    for b, g in enumerate(self.generators)]
-            return torch.cat(rows).clamp_(min=tiny)
-        return torch.empty_like(probs).exponential_(1, generator=self.generators).clamp_(min=tiny)
+        return filter_logits(logits, self.top_k, self.top_p)
 
 
 # ---------------------------------------------------------------------------------------------- steps
@@ -173,9 +195,11 @@ def stream(model, input_ids, attention_mask=None, max_new_tokens: int = 32, temp
 
 
 # ---------------------------------------------------------------------------------------------- validation
-def _prepare(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p, eos_token_id, seed,
-             pad_token_id) -> dict:
-    """Check every argument (with a message naming it), then build the cache, sampler and EOS ids."""
+def check_generate_args(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p, eos_token_id,
+                        seed, pad_token_id) -> dict:
+    """Check every argument of `generate` (with a message naming it). Returns the prompt as long ids on the
+    model's device, the left-padding mask (long) or None, max_new_tokens, the EOS ids tensor or None, the
+    pad id and the random generators."""
     config, device = model.config, model.device
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
@@ -196,12 +220,7 @@ def _prepare(model, input_ids, attention_mask, max_new_tokens, temperature, top_
         attention_mask = _check_mask(attention_mask, input_ids.shape, device)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature >= 0:
-        raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
-    if top_p is not None and (not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0 < top_p <= 1):
-        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+    check_sampling(temperature, top_k, top_p)
 
     eos_list = _as_id_list(eos_token_id, "eos_token_id", config.vocab_size)
     eos_ids = torch.tensor(eos_list, device=device, dtype=torch.long) if eos_list else None
@@ -209,10 +228,18 @@ def _prepare(model, input_ids, attention_mask, max_new_tokens, temperature, top_
         pad_token_id = config.pad_token_id if config.pad_token_id is not None else (eos_list[0] if eos_list else 0)
     _as_id_list(pad_token_id, "pad_token_id", config.vocab_size)
 
-    sampler = Sampler(float(temperature), top_k, None if top_p is None else float(top_p), _generators(seed, B, device))
-    cache = model.new_cache(B, T + max_new_tokens)
-    return dict(input_ids=input_ids, attention_mask=attention_mask, cache=cache, sampler=sampler,
-                max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_token_id=int(pad_token_id))
+    return dict(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
+                pad_token_id=int(pad_token_id), generators=make_generators(seed, B, device))
+
+
+def _prepare(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p, eos_token_id, seed,
+             pad_token_id) -> dict:
+    """Check every argument, then build the cache and the sampler."""
+    args = check_generate_args(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p,
+                               eos_token_id, seed, pad_token_id)
+    B, T = args["input_ids"].shape
+    sampler = Sampler(float(temperature), top_k, None if top_p is None else float(top_p), args.pop("generators"))
+    return dict(args, sampler=sampler, cache=model.new_cache(B, T + max_new_tokens))
 
 
 def _check_mask(attention_mask, shape, device) -> torch.Tensor:
@@ -238,12 +265,15 @@ def _as_id_list(ids, name: str, vocab_size: int) -> list[int]:
     return items
 
 
-def _generators(seed, batch_size: int, device) -> torch.Generator | list[torch.Generator] | None:
+def make_generators(seed, batch_size: int, device) -> torch.Generator | list[torch.Generator] | None:
+    """None -> global RNG; an int -> one generator for the batch; a list of `batch_size` ints -> one
+    generator per row, so a row draws the same tokens whatever its batch-mates are."""
     if seed is None:
         return None
     if isinstance(seed, int) and not isinstance(seed, bool):
         return torch.Generator(device=device).manual_seed(seed)
-    seeds = list(seed)
-    if len(seeds) != batch_size or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+    seeds = list(seed) if isinstance(seed, Sequence) else None
+    if seeds is None or len(seeds) != batch_size or not all(isinstance(s, int) and not isinstance(s, bool)
+                                                            for s in seeds):
         raise ValueError(f"seed must be an int or a list of {batch_size} ints (one per row), got {seed!r}")
     return [torch.Generator(device=device).manual_seed(s) for s in seeds]

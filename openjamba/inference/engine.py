@@ -24,7 +24,8 @@ from collections.abc import Sequence
 import torch
 
 from .planner import MemoryPlan, device_budget, plan_memory
-from .sampling import SamplingParams, make_generators, sample
+from ..generation import EOS_CHECK_EVERY, check_generate_args
+from .sampling import SamplingParams, sample
 from .step import decode_step, resolve_moe_impl
 
 logger = logging.getLogger("openjamba.inference")
@@ -225,36 +226,15 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, te
     check_every (steps between EOS read-backs; default 16 on CUDA, 1 elsewhere), compile (torch.compile the
     decode step before capture: fewer, fused kernels; the first call per shape compiles).
     """
-    config, device = model.config, model.device
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.numel() == 0:
-        raise ValueError("input_ids must be a non-empty 2-D (batch, prompt_length) tensor of token ids")
-    if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
-        raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
-    lo, hi = int(input_ids.min()), int(input_ids.max())
-    if lo < 0 or hi >= config.vocab_size:
-        raise ValueError(f"input_ids must lie in [0, {config.vocab_size}), found {lo if lo < 0 else hi}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
-        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    args = check_generate_args(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p,
+                               eos_token_id, seed, pad_token_id)
+    ids, mask, eos_ids, generators = args["input_ids"], args["attention_mask"], args["eos_ids"], args["generators"]
     params = SamplingParams(temperature, top_k, top_p)
-    ids = input_ids.to(device=device, dtype=torch.long)
-    B, T = ids.shape
-    mask = None
-    if attention_mask is not None:
-        if tuple(attention_mask.shape) != (B, T):
-            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} must equal input_ids shape {(B, T)}")
-        mask = attention_mask.to(device).bool()
-        if not bool(mask[:, -1].all()):
-            raise ValueError("every row needs a real last token: pad prompts on the LEFT (attention_mask 0s first)")
-        mask = None if bool(mask.all()) else mask.long()
-    eos = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
-    if any(isinstance(e, bool) or not isinstance(e, int) or not 0 <= e < config.vocab_size for e in eos):
-        raise ValueError(f"eos_token_id must be token ids in [0, {config.vocab_size}), got {eos_token_id!r}")
-    eos_ids = torch.tensor(eos, device=device, dtype=torch.long) if eos else None
-    if pad_token_id is None:
-        pad_token_id = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
-    generators = make_generators(seed, B, device)
+    device, (B, T) = model.device, ids.shape
+    if mask is not None and bool(mask.all()):
+        mask = None  # no padding: the prefill takes the maskless attention path
     if check_every is None:
-        check_every = 16 if device.type == "cuda" else 1
+        check_every = EOS_CHECK_EVERY.get(device.type, 1)
 
     gen = _generator_for(model, B, T + max_new_tokens, mode, moe_impl, chunk_size, budget, compile)
     first = sample(gen.prefill(ids, mask, chunk_size), params, generators)
@@ -263,6 +243,6 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, te
         finished = torch.isin(first, eos_ids)
     new = [first[:, None]]
     if max_new_tokens > 1 and not (eos_ids is not None and bool(finished.all())):
-        new.append(gen.decode_n_tokens(first, max_new_tokens - 1, params, generators, eos_ids, int(pad_token_id),
+        new.append(gen.decode_n_tokens(first, max_new_tokens - 1, params, generators, eos_ids, args["pad_token_id"],
                                        check_every, finished))
     return torch.cat([ids, *new], dim=1)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from openjamba import JambaConfig, JambaForCausalLM
+from openjamba.generation import generate as reference_generate
 from openjamba.inference import Generator, generate, moe_forward_static
 from openjamba.inference.step import grouped_mm_works, resolve_moe_impl
 
@@ -64,7 +65,6 @@ def test_static_greedy_tokens_equal_eager(batch):
 
 def test_static_matches_reference_generation_module():
     """Same tokens as openjamba.generation.generate (greedy, left-padded batch)."""
-    from openjamba.generation import generate as reference_generate
 
     model = _model()
     ids, mask = _left_padded()
@@ -145,3 +145,18 @@ def test_compiled_static_step_matches_eager():
     eager = generate(model, ids, max_new_tokens=8, temperature=0, mode="eager")
     compiled = generate(model, ids, max_new_tokens=8, temperature=0, mode="static", moe_impl="dense", compile=True)
     assert torch.equal(eager, compiled)
+
+
+def test_bad_arguments_get_the_same_clear_errors_as_the_reference_generate():
+    model = _model()
+    ids = torch.randint(0, 128, (2, 6))
+    right_padded = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 1, 0, 1, 1, 1]])
+    for call in (generate, reference_generate):
+        with pytest.raises(ValueError, match="left padding only"):
+            call(model, ids, right_padded, max_new_tokens=2)
+        with pytest.raises(ValueError, match="pad_token_id"):
+            call(model, ids, max_new_tokens=2, pad_token_id=-1)
+        with pytest.raises(ValueError, match="seed"):
+            call(model, ids, max_new_tokens=2, seed=[1])
+        with pytest.raises(ValueError, match="top_p"):
+            call(model, ids, max_new_tokens=2, temperature=1.0, top_p=1.5)
