@@ -40,14 +40,25 @@ def _fsync_dir(path: str) -> None:
         pass
 
 
-def write_json_atomic(path: str, obj) -> None:
+def write_text_atomic(path: str, text: str) -> None:
+    """Write a temporary file, fsync it, rename it over `path`, fsync the directory: readers see the old
+    content or the new, never a partial file."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # interrupted: leave `path` as it was and no temporary file behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def write_json_atomic(path: str, obj) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=1))
 
 
 def clean_name(name: str) -> str:
@@ -163,14 +174,7 @@ class CheckpointManager:
         else:
             os.replace(tmp, final)
         _fsync_dir(self.root)
-        pointer = os.path.join(self.root, LATEST)
-        tmp_pointer = pointer + ".tmp"
-        with open(tmp_pointer, "w") as f:
-            f.write(os.path.basename(final) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_pointer, pointer)
-        _fsync_dir(self.root)
+        write_text_atomic(os.path.join(self.root, LATEST), os.path.basename(final) + "\n")
         self.prune(keep=os.path.basename(final))
         return final
 

@@ -98,6 +98,7 @@ def test_crash_mid_write_leaves_latest_valid(tmp_path, monkeypatch):
         ckpt.save_checkpoint(manager, 2, model, opt, {"step": 2})
     monkeypatch.setattr(ckpt.os, "replace", real_replace)
     assert manager.latest() == manager.path(1)
+    assert [n for n in os.listdir(manager.root) if n.startswith(ckpt.LATEST)] == [ckpt.LATEST]
     restored, restored_opt = _model_and_optimizer(seed=9)
     assert ckpt.load_checkpoint(manager.latest(), restored, restored_opt)["step"] == 1
     assert all(torch.equal(restored.state_dict()[k], v) for k, v in before.items())
