@@ -199,8 +199,8 @@ class JambaForCausalLM(nn.Module):
 
         engine: "eager" (openjamba.generation.generate: the model's forward step by step), "fast"
         (openjamba.inference.generate: chunked prefill, static cache step captured in a CUDA graph,
-        on-device sampling) or "auto" (fast on CUDA, eager elsewhere). Both give the same tokens.
-        """
+        on-device sampling) or "auto" (fast on CUDA, eager elsewhere). Greedy tokens agree (tested in fp32;
+        bf16 rounding can part them after a near-tie)."""
         if engine not in ("auto", "eager", "fast"):
             raise ValueError(f"engine must be 'auto', 'eager' or 'fast', got {engine!r}")
         if engine == "fast" or (engine == "auto" and self.device.type == "cuda"):
