@@ -80,11 +80,11 @@ def compare_rows(config: JambaConfig, name: str, context: int, batch: int = 1, d
 
 
 # ---------------------------------------------------------------------------------------------- formatting
-def format_bytes(n: float) -> str:
-    """Binary units, one decimal: 4294967296 -> '4.0 GiB'."""
+def format_bytes(n: float, decimals: int = 1) -> str:
+    """Binary units: 4294967296 -> '4.0 GiB' (decimals=2: '4.00 GiB')."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
+            return f"{n:.0f} B" if unit == "B" else f"{n:.{decimals}f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
 

@@ -19,14 +19,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..memory import format_bytes as _format_bytes
+
 
 def format_bytes(n: float) -> str:
     """Binary units with two decimals: 1610612736 -> '1.50 GiB'."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024:
-            return f"{n:.0f} B" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TiB"
+    return _format_bytes(n, decimals=2)
+
 
 RESERVE_FIXED = 512 * 2 ** 20
 RESERVE_FRACTION = 0.05
