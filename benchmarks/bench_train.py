@@ -93,6 +93,7 @@ def run_variant(name: str, args, device: torch.device) -> dict:
             break
     times.sort()
     median = times[len(times) // 2]
+    profile = profile_step(step, sync, args.profile) if args.profile and device.type == "cuda" else None
     tokens = args.batch * args.seq
     tps = tokens / median
     fpt = flops_per_token(config, args.seq)
@@ -106,7 +107,24 @@ def run_variant(name: str, args, device: torch.device) -> dict:
         "vs_transformers_mamba_ssm": tps / BASELINE_TOKENS_PER_S,
         "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None,
     }
+    if profile is not None:
+        result["profile"] = profile
     return result  # the model and optimizer go with this frame: the next variant starts from empty memory
+
+
+def profile_step(step, sync, top: int) -> dict:
+    """One step under torch.profiler: total GPU kernel time and the `top` kernels by summed time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        sync()
+    kernels = [e for e in prof.key_averages() if e.device_time_total > 0]
+    total = sum(e.self_device_time_total for e in kernels)
+    kernels.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    return {"gpu_ms": total / 1e3, "kernels": len(kernels),
+            "top": [{"name": e.key[:120], "ms": e.self_device_time_total / 1e3, "calls": e.count,
+                     "share": e.self_device_time_total / max(total, 1)} for e in kernels[:top]]}
 
 
 def main(argv=None) -> int:
@@ -119,6 +137,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-seconds", type=float, default=120, help="stop timing a variant after this long")
     p.add_argument("--variants", default="eager", help=f"comma-separated: {', '.join(VARIANTS)}")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--profile", type=int, default=0, metavar="K",
+                   help="also profile one step per variant and record the K most expensive GPU kernels")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/train_<preset>_<device>.json)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -147,6 +167,10 @@ def main(argv=None) -> int:
             print(f"  {name:<9} {r['tokens_per_s'] / 1e3:8.1f}K tokens/s  {r['step_ms_median']:8.1f} ms/step  "
                   f"MFU {100 * r['mfu_vs_989']:5.1f}% of 989 / {100 * r['mfu_vs_792']:5.1f}% of 792  "
                   f"{r['vs_transformers_mamba_ssm']:5.2f}x transformers+mamba-ssm  peak {mem}")
+            if "profile" in r:
+                print(f"    profile: {r['profile']['gpu_ms']:.1f} ms of GPU kernels, {r['profile']['kernels']} kinds")
+                for k in r["profile"]["top"]:
+                    print(f"    {100 * k['share']:5.1f}% {k['ms']:8.2f} ms {k['calls']:5d}x  {k['name']}")
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                    f"train_{args.preset}_{device.type}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)

@@ -30,8 +30,9 @@ def _common(p: argparse.ArgumentParser, max_seconds: float) -> None:
     p.add_argument("--name", default=None, help="results file stem (default: the benchmark's)")
     p.add_argument("--max-seconds", type=float, default=max_seconds,
                    help=f"stop starting new points after this many seconds (default {max_seconds:g})")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step before capturing it (slow first call per shape)")
+    p.add_argument("--step", default="auto", choices=["auto", "static", "compiled", "fused"],
+                   help="decode step inside the graph: fused Triton kernels (auto on CUDA), the static step op "
+                        "by op, or the static step through torch.compile (slow first call per shape)")
     p.add_argument("--quick", action="store_true",
                    help=f"tiny sizes on the CPU ({QUICK_PRESET}, fp32, short contexts): runs in seconds")
 
@@ -40,8 +41,8 @@ def _setup(args):
     """Resolve config, dtype, device and the quick-mode overrides shared by every verb."""
     from .bench.common import parse_dtype
 
-    if args.compile and args.mode == "eager":
-        raise SystemExit("--compile needs the static step: use --mode auto, static or graph")
+    if args.step not in ("auto", "static") and args.mode == "eager":
+        raise SystemExit(f"--step {args.step} replaces the static step: use --mode auto, static or graph")
     if args.quick:
         args.preset, args.dtype = QUICK_PRESET, "fp32"
         args.device = args.device or "cpu"
@@ -63,7 +64,7 @@ def cmd_decode(args) -> int:
     contexts = parse_list("64,256" if args.quick and args.contexts is None else
                           args.contexts or "1K,4K,16K,32K,64K,128K,256K,512K,1M")
     run_decode(cfg, contexts, parse_list(args.variants, str), parse_list(args.batches, str),
-               steps=4 if args.quick else args.steps, dtype=dtype, mode=args.mode, compile=args.compile,
+               steps=4 if args.quick else args.steps, dtype=dtype, mode=args.mode, step=args.step,
                max_batch_cap=4 if args.quick else args.max_batch, **_kw(args, "decode_throughput"))
     return 0
 
@@ -88,7 +89,7 @@ def cmd_prefill(args) -> int:
     context = 512 if args.quick else parse_tokens(args.context)
     run_prefill(cfg, context, new_tokens=8 if args.quick else args.new_tokens, batch=args.batch,
                 chunk_size=128 if args.quick else args.chunk_size, dtype=dtype, mode=args.mode,
-                compile=args.compile, **_kw(args, "long_context"))
+                step=args.step, **_kw(args, "long_context"))
     return 0
 
 
@@ -99,7 +100,7 @@ def cmd_compare(args) -> int:
     cfg, dtype, _ = _setup(args)
     run_versus_hf(cfg, prompt_len=32 if args.quick else args.prompt, new_tokens=8 if args.quick else args.new_tokens,
                   batches=(1, 2) if args.quick else parse_list(args.batches), dtype=dtype, mode=args.mode,
-                  compile=args.compile,
+                  step=args.step,
                   **_kw(args, "versus_transformers"))
     return 0
 

@@ -34,11 +34,11 @@ def step_bytes(config, batch: int, cache_length: int, nbytes: int, moe_impl: str
 
 
 def time_decode(model, batch: int, context: int, steps: int, mode: str, warmup: int = 3, budget=None,
-                compile: bool = False) -> dict:
+                step: str = "auto") -> dict:
     """Decode `steps` greedy tokens per row after a synthetic `context`-token cache; returns one point."""
     device = model.device
     gen = Generator(model, batch, context + warmup + steps + 1, mode=mode, chunk_size=256, budget=budget,
-                    compile=compile)
+                    step=step)
     try:
         gen.cache.length = context  # synthetic context (see module docstring)
         gen.cache.sync_position()
@@ -55,7 +55,7 @@ def time_decode(model, batch: int, context: int, steps: int, mode: str, warmup: 
         moved = step_bytes(model.config, batch, gen.max_length, nbytes, gen.moe_impl)
         return dict(tokens_per_s=batch * steps / dt, ms_per_step=1e3 * dt / steps, step_bytes=moved,
                     achieved_GBps=moved * steps / dt / 1e9, roofline_fraction=moved * steps / dt / PEAK_BANDWIDTH,
-                    moe_impl=gen.moe_impl, mode=gen.mode, compiled=compile)
+                    moe_impl=gen.moe_impl, mode=gen.mode, step=gen.step)
     finally:
         del gen
 
@@ -63,7 +63,7 @@ def time_decode(model, batch: int, context: int, steps: int, mode: str, warmup: 
 def run_decode(base_config, contexts, variants=VARIANTS, batches=("1", "max"), steps: int = 32,
                dtype=torch.bfloat16, device=None, mode: str = "auto", max_batch_cap: int = 256,
                max_seconds: float | None = None, out_dir="benchmarks/results", name: str = "decode_throughput",
-               compile: bool = False) -> dict:
+               step: str = "auto") -> dict:
     """Measure every (variant, context, batch) point; write <name>.json and <name>.png; return the results."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     deadline = Deadline(max_seconds)
@@ -95,7 +95,7 @@ def run_decode(base_config, contexts, variants=VARIANTS, batches=("1", "max"), s
                     continue
                 for attempt in range(4):  # the planner is an estimate: at 'max', back off on a real OOM
                     try:
-                        point.update(time_decode(model, B, ctx, steps, mode, budget=budget, compile=compile), status="ok")
+                        point.update(time_decode(model, B, ctx, steps, mode, budget=budget, step=step), status="ok")
                         point["cache_bytes"] = cfg.kv_cache_bytes(ctx, B, nbytes) + cfg.mamba_state_bytes(B, nbytes)
                         break
                     except DoesNotFit as e:
@@ -117,7 +117,7 @@ def run_decode(base_config, contexts, variants=VARIANTS, batches=("1", "max"), s
         del model
         free_memory(device)
     result = dict(benchmark="decode throughput vs context", dtype=str(dtype), device=str(device), steps=steps,
-                  compiled=compile,
+                  step=step,
                   variants={k: dict(c.to_dict(), schedule=c.schedule(), params=c.param_counts())
                             for k, c in configs.items()},
                   points=points, ratios=_ratios(points), elapsed_s=deadline.elapsed)

@@ -39,12 +39,12 @@ def _prefill_timed(gen, ids, chunk: int, deadline: Deadline) -> tuple[float, int
 
 def run_prefill(config, context: int, new_tokens: int = 128, batch: int = 1, chunk_size: int = 16384,
                 dtype=torch.bfloat16, device=None, mode: str = "auto", max_seconds: float | None = None,
-                out_dir="benchmarks/results", name: str = "long_context", compile: bool = False) -> dict:
+                out_dir="benchmarks/results", name: str = "long_context", step: str = "auto") -> dict:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = torch.device(device).type == "cuda"
     deadline = Deadline(max_seconds)
     result = dict(benchmark="long-context prefill + decode", context=context, batch=batch, chunk_size=chunk_size,
-                  new_tokens=new_tokens, dtype=str(dtype), device=str(device), compiled=compile,
+                  new_tokens=new_tokens, dtype=str(dtype), device=str(device), step=step,
                   config=config.to_dict())
     plan = plan_memory(config, dtype, batch, context + new_tokens, chunk_size)
     result["plan"] = dict(weights=plan.weights, kv_cache=plan.kv_cache, mamba_state=plan.mamba_state,
@@ -55,7 +55,7 @@ def run_prefill(config, context: int, new_tokens: int = 128, batch: int = 1, chu
         model = build_model(config, device, dtype)
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
-        gen = Generator(model, batch, context + new_tokens, mode=mode, chunk_size=chunk_size, compile=compile)
+        gen = Generator(model, batch, context + new_tokens, mode=mode, chunk_size=chunk_size, step=step)
         ids = torch.randint(0, config.vocab_size, (batch, context), device=device)
         seconds, done, logits = _prefill_timed(gen, ids, chunk_size, deadline)
         result.update(prefill_s=seconds, prefill_tokens=done, prefill_tokens_per_s=batch * done / max(seconds, 1e-9))

@@ -38,7 +38,7 @@ def _timed(fn, device, repeats: int = 1):
 
 def run_versus_hf(config, prompt_len: int = 512, new_tokens: int = 128, batches=(1, 16), dtype=torch.bfloat16,
                   device=None, mode: str = "auto", max_seconds: float | None = None, out_dir="benchmarks/results",
-                  name: str = "versus_transformers", compile: bool = False) -> dict:
+                  name: str = "versus_transformers", step: str = "auto") -> dict:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     deadline = Deadline(max_seconds)
     import transformers
@@ -59,7 +59,7 @@ def run_versus_hf(config, prompt_len: int = 512, new_tokens: int = 128, batches=
         ids = torch.randint(0, config.vocab_size, (B, prompt_len), device=device)
         with oom_as_status(point):
             t_ours, out_ours = _timed(lambda: fast_generate(ours, ids, max_new_tokens=new_tokens, temperature=0,
-                                                            mode=mode, compile=compile), device)
+                                                            mode=mode, step=step), device)
             point.update(ours_s=t_ours, ours_tokens_per_s=B * new_tokens / t_ours)
             if not deadline.expired():
                 mask = torch.ones_like(ids)
@@ -79,7 +79,7 @@ def run_versus_hf(config, prompt_len: int = 512, new_tokens: int = 128, batches=
         points.append(point)
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in point.items()}, flush=True)
     result = dict(benchmark="openjamba generate vs transformers generate", transformers=transformers.__version__,
-                  dtype=str(dtype), device=str(device), compiled=compile, same_weights=same_weights, config=config.to_dict(),
+                  dtype=str(dtype), device=str(device), step=step, same_weights=same_weights, config=config.to_dict(),
                   points=points, elapsed_s=deadline.elapsed)
     write_json(out_dir, name, result)
     plot_versus(result, out_dir, name)

@@ -12,6 +12,12 @@ Modes:
              cache. Runs anywhere; on the CPU it is how the graph path's maths is tested.
   "graph"  - the static step captured once in a torch.cuda.CUDAGraph and replayed per token: one launch per
              step instead of hundreds (the CUDA default).
+Steps (what "static" and "graph" run; `step=`):
+  "static"   - step.py's decode_step, layer by layer as the model's modules compute (any device).
+  "compiled" - the same through torch.compile (Inductor fuses its elementwise ops; the first call compiles).
+  "fused"    - fused.py's FusedDecodeStep: Triton kernels that fold the norms, routing and gates into the
+               matmuls, 3 to 5 kernels per layer (CUDA, batch <= 64).
+  "auto"     - "fused" where it can run and moe_impl is "auto", else "static".
 The host only enqueues work: sampling is on the device and the EOS test reads back once every
 `check_every` steps.
 """
@@ -26,11 +32,13 @@ import torch
 from .planner import MemoryPlan, device_budget, plan_memory
 from ..generation import EOS_CHECK_EVERY, check_generate_args
 from .sampling import SamplingParams, sample
+from .fused import FusedDecodeStep, fused_unavailable
 from .step import decode_step, resolve_moe_impl
 
 logger = logging.getLogger("openjamba.inference")
 
 MODES = ("auto", "eager", "static", "graph")
+STEPS = ("auto", "static", "compiled", "fused")
 DEFAULT_CHUNK = 8192
 _compiled_step = None
 
@@ -49,17 +57,19 @@ class Generator:
 
     def __init__(self, model, batch_size: int, max_length: int, mode: str = "auto", moe_impl: str = "auto",
                  chunk_size: int = DEFAULT_CHUNK, budget: int | None = None, check_memory: bool = True,
-                 compile: bool = False):
+                 step: str = "auto"):
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+        if step not in STEPS:
+            raise ValueError(f"unknown step {step!r}; choose one of {STEPS}")
         self.model, self.device, self.dtype = model, model.device, model.dtype
         if mode == "auto":
             mode = "graph" if self.device.type == "cuda" else "eager"
         if mode == "graph" and self.device.type != "cuda":
             raise RuntimeError(f"mode 'graph' needs the model on a CUDA device (it is on {self.device}); "
                                "use mode 'static' or 'eager'")
-        if compile and mode == "eager":
-            raise ValueError("compile=True applies to the static step: use mode 'static' or 'graph'")
+        if step not in ("auto", "static") and mode == "eager":
+            raise ValueError(f"step {step!r} replaces the static step: use mode 'static' or 'graph'")
         self.mode, self.batch_size, self.max_length, self.chunk_size = mode, batch_size, max_length, chunk_size
         # The weights are already resident, so the budget is what the device has free now.
         if budget is None and self.device.type == "cuda":
@@ -69,21 +79,45 @@ class Generator:
         if check_memory:
             self.plan.check()
         self.cache = model.new_cache(batch_size, max_length)
-        self.moe_impl = resolve_moe_impl(moe_impl, self.device, self.dtype) if mode != "eager" else None
-        if compile and moe_impl == "auto" and self.moe_impl == "grouped_mm" and self.dtype != torch.bfloat16:
-            # torch._grouped_mm's shape function (used while compiling) accepts bf16 only, even where the
-            # eager CPU fallback runs other dtypes.
-            self.moe_impl = "dense"
+        self.step = self._choose_step(step, moe_impl) if mode != "eager" else "eager"
+        if self.step == "fused":
+            self.moe_impl = "fused"  # the fused kernels route themselves, reading only the routed experts
+            self._step = FusedDecodeStep(model, batch_size)
+        else:
+            self.moe_impl = resolve_moe_impl(moe_impl, self.device, self.dtype) if mode != "eager" else None
+            if self.step == "compiled" and moe_impl == "auto" and self.moe_impl == "grouped_mm" \
+                    and self.dtype != torch.bfloat16:
+                # torch._grouped_mm's shape function (used while compiling) accepts bf16 only, even where the
+                # eager CPU fallback runs other dtypes.
+                self.moe_impl = "dense"
+            # torch.compile fuses the step's many small elementwise ops (norms, gates, the SSM update) into
+            # few kernels; the graph then replays those.
+            self._step = compiled_decode_step() if self.step == "compiled" else decode_step
         self._token = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)  # graph input
-        # torch.compile fuses the step's many small elementwise ops (norms, gates, the SSM update) into few
-        # kernels; the graph then replays those.
-        self._step = compiled_decode_step() if compile else decode_step
-        self.compiled = compile
         self._graph, self._graph_logits = None, None
         if mode == "graph":
             self._capture_with_fallback()
-        logger.info("Generator: mode %s, batch %d, max_length %d, MoE %s, compiled %s", mode, batch_size,
-                    max_length, self.moe_impl, compile)
+        logger.info("Generator: mode %s, step %s, batch %d, max_length %d, MoE %s", mode, self.step, batch_size,
+                    max_length, self.moe_impl)
+
+    def _choose_step(self, step: str, moe_impl: str) -> str:
+        if step == "fused":
+            reason = fused_unavailable(self.model, self.batch_size)
+            if reason:
+                raise RuntimeError(f"step 'fused' was requested but cannot run: {reason}")
+            if moe_impl != "auto":
+                raise ValueError(f"moe_impl {moe_impl!r} applies to the static and compiled steps; the fused step "
+                                 "routes in its own kernels (leave moe_impl='auto')")
+            return step
+        if step == "auto":
+            reason = fused_unavailable(self.model, self.batch_size) if self.device.type == "cuda" else "not CUDA"
+            if reason is None and moe_impl == "auto":
+                return "fused"
+            if self.device.type == "cuda":
+                logger.info("decode step: static (fused step not used: %s)",
+                            reason or f"moe_impl {moe_impl!r} was asked for")
+            return "static"
+        return step
 
     # ------------------------------------------------------------------ CUDA graph
     def _capture(self) -> None:
@@ -103,7 +137,7 @@ class Generator:
         try:
             self._capture()
         except Exception as e:  # noqa: BLE001 - retried once with the portable MoE routing, then re-raised
-            if self.moe_impl == "dense" or isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e):
+            if self.moe_impl in ("dense", "fused") or isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e):
                 raise
             logger.warning("CUDA graph capture with MoE %s failed (%s: %s); retrying with dense",
                            self.moe_impl, type(e).__name__, e)
@@ -194,12 +228,12 @@ _REUSE_ATTR = "_openjamba_fast_generator"
 
 
 def _generator_for(model, B: int, need: int, mode: str, moe_impl: str, chunk_size: int, budget,
-                   compile: bool = False) -> Generator:
+                   step: str = "auto") -> Generator:
     """A Generator for (B, >= need positions), reused across calls while shapes and weights allow: capturing
     a graph costs a few steps, so back-to-back generate() calls should not pay it every time. Capacity is
     rounded up to a multiple of 256 so prompts of nearby lengths share one."""
     cap = -(-need // 256) * 256
-    key = (B, mode, moe_impl, compile, model.lm_head.weight.data_ptr(), model.dtype, str(model.device))
+    key = (B, mode, moe_impl, step, model.lm_head.weight.data_ptr(), model.dtype, str(model.device))
     old = getattr(model, _REUSE_ATTR, None)
     if old is not None and old[0] == key and old[1].max_length >= need and old[1].max_length <= 2 * cap:
         old[1].reset()
@@ -207,8 +241,7 @@ def _generator_for(model, B: int, need: int, mode: str, moe_impl: str, chunk_siz
     if old is not None:
         object.__setattr__(model, _REUSE_ATTR, None)  # free the old cache before allocating the new one
         del old
-    gen = Generator(model, B, cap, mode=mode, moe_impl=moe_impl, chunk_size=chunk_size, budget=budget,
-                    compile=compile)
+    gen = Generator(model, B, cap, mode=mode, moe_impl=moe_impl, chunk_size=chunk_size, budget=budget, step=step)
     object.__setattr__(model, _REUSE_ATTR, (key, gen))  # not a submodule: keep it out of state_dict
     return gen
 
@@ -217,14 +250,14 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, te
              top_k: int | None = None, top_p: float | None = None, eos_token_id: int | Sequence[int] | None = None,
              seed: int | Sequence[int] | None = None, pad_token_id: int | None = None, *, mode: str = "auto",
              moe_impl: str = "auto", chunk_size: int = DEFAULT_CHUNK, budget: int | None = None,
-             check_every: int | None = None, compile: bool = False) -> torch.Tensor:
+             check_every: int | None = None, step: str = "auto") -> torch.Tensor:
     """Same arguments and result as openjamba.generation.generate, on the fast path.
 
     Returns (B, T + n): the prompt as given, then n <= max_new_tokens new tokens (n < max_new_tokens only
     when every row produced an EOS). Keyword-only extras: mode ("auto" = CUDA graph on CUDA, eager
     elsewhere), moe_impl, chunk_size (prefill), budget (bytes; default the device's free memory),
-    check_every (steps between EOS read-backs; default 16 on CUDA, 1 elsewhere), compile (torch.compile the
-    decode step before capture: fewer, fused kernels; the first call per shape compiles).
+    check_every (steps between EOS read-backs; default 16 on CUDA, 1 elsewhere), step (the decode step:
+    "auto", "static", "compiled" or "fused"; see the module docstring).
     """
     args = check_generate_args(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p,
                                eos_token_id, seed, pad_token_id)
@@ -236,7 +269,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, te
     if check_every is None:
         check_every = EOS_CHECK_EVERY.get(device.type, 1)
 
-    gen = _generator_for(model, B, T + max_new_tokens, mode, moe_impl, chunk_size, budget, compile)
+    gen = _generator_for(model, B, T + max_new_tokens, mode, moe_impl, chunk_size, budget, step)
     first = sample(gen.prefill(ids, mask, chunk_size), params, generators)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     if eos_ids is not None:

@@ -139,11 +139,11 @@ def test_static_step_and_sampling_never_read_tensors_back_to_the_host(monkeypatc
 
 @pytest.mark.slow
 def test_compiled_static_step_matches_eager():
-    """torch.compile of the static step (what --compile captures on CUDA); ~30 s of compilation on a CPU."""
+    """torch.compile of the static step (what step="compiled" captures on CUDA); ~30 s of compilation on a CPU."""
     model = _model()
     ids = torch.randint(0, 128, (2, 12))
     eager = generate(model, ids, max_new_tokens=8, temperature=0, mode="eager")
-    compiled = generate(model, ids, max_new_tokens=8, temperature=0, mode="static", moe_impl="dense", compile=True)
+    compiled = generate(model, ids, max_new_tokens=8, temperature=0, mode="static", moe_impl="dense", step="compiled")
     assert torch.equal(eager, compiled)
 
 

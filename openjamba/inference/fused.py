@@ -1,0 +1,221 @@
+"""The fused one-token decoding step: the static step (inference/step.py) in 3 to 5 kernels per layer.
+
+`FusedDecodeStep(model, batch_size)` is called like `decode_step(model, token_ids, cache, moe_impl)` and
+gives the same results (the same maths, rounded at the same places; tests compare the two), but the
+eager step launches ~75 kernels per layer at batch 1 (each RMSNorm alone is seven), which at small batch
+costs more than reading the weights. Per layer it runs:
+
+    Mamba       mamba_in (norm, in_proj, conv, x_proj partials) -> mamba_ssm (dt/B/C norms, dt_proj, state
+                update, gate) -> down_residual (out_proj + residual)
+    attention   norm_linear for q, k and v -> K/V written at the position -> attn_split + attn_combine
+                (split-K flash-decoding over the filled positions) -> down_residual (o_proj + residual)
+    MoE / MLP   router (MoE only: norm, router, softmax, top-k) -> ffn_up (norm, gate/up of the routed
+                experts) -> down_residual (down, weighted sum, residual)
+
+plus the embedding gather and norm_linear for the lm_head. Kernels are in inference/fused_kernels.py.
+Batches up to MAX_BATCH rows; the step is shape-static and reads nothing back to the host, so a CUDA
+graph captures it. It needs Triton on CUDA (or the CPU interpreter, TRITON_INTERPRET=1, for tests).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+MAX_BATCH = 64
+
+# Batches up to this run the matmuls as GEMVs in registers, larger ones as tensor-core dots. One row: on the
+# H200 the GEMV form with a 2- or 4-row tile gave fp32 errors of ~1e-3 against the static step for some
+# configurations (the CPU interpreter agrees to 1e-7); until that is understood, 2+ rows take the dot form.
+GEMV_MAX_ROWS = 1
+
+# Tile sizes and warps per kernel: (GEMV form for batch <= GEMV_MAX_ROWS, tl.dot form), the fastest
+# measured on an H200 for the jamba-1b preset at batch 1 and 16 (benchmarks/KERNEL_NOTES.md).
+# `FusedDecodeStep(..., tiles=...)` overrides entries. The dot form needs tiles of 16 at least.
+TILES = {
+    "norm_linear": (dict(BN=8, BK=1024, warps=4), dict(BN=64, BK=128, warps=4)),
+    "mamba_in": (dict(BD=16, BK=1024, warps=8), dict(BD=32, BK=128, warps=4)),
+    "mamba_ssm": (dict(BD=16, warps=4), dict(BD=64, warps=4)),
+    "ffn_up": (dict(BF=16, BK=512, warps=4), dict(BF=64, BK=128, warps=4)),
+    "down": (dict(BH=4, BF=2048, warps=4), dict(BH=16, BF=512, warps=4)),
+}
+
+
+def fused_unavailable(model, batch_size: int) -> str | None:
+    """None when the fused step can run for this model and batch here, else the reason it cannot."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "Triton is not installed"
+    if model.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return f"the model is on {model.device.type}; the fused kernels run on CUDA (or under TRITON_INTERPRET=1)"
+    if model.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"dtype {model.dtype} is not supported (fp32, bf16, fp16)"
+    if batch_size > MAX_BATCH:
+        return f"batch {batch_size} is above the fused step's {MAX_BATCH} rows"
+    return None
+
+
+def _pow2(n: int, lo: int = 16) -> int:
+    p = lo
+    while p < n:
+        p *= 2
+    return p
+
+
+class FusedDecodeStep:
+    """One decoding token per row through the fused kernels; see the module docstring."""
+
+    def __init__(self, model, batch_size: int, tiles: dict | None = None):
+        reason = fused_unavailable(model, batch_size)
+        if reason:
+            raise RuntimeError(f"the fused decoding step cannot run: {reason}")
+        from . import fused_kernels as fk
+
+        self.fk = fk
+        self.dot = batch_size > GEMV_MAX_ROWS
+        self.tiles = {k: dict(v[1 if self.dot else 0], **(tiles or {}).get(k, {})) for k, v in TILES.items()}
+        c = model.config
+        dev, dt = model.device, model.dtype
+        self.B = batch_size
+        self.BB = _pow2(batch_size, 16 if self.dot else 1)  # the row tile
+        # fp32 models get IEEE fp32 dots (no TF32); so does the CPU interpreter, whose 16-bit dot is wrong
+        self.ieee = dt == torch.float32 or model.device.type != "cuda"
+        self.elsize = 4 if self.ieee else dt.itemsize  # bytes per staged dot operand
+        self.sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 4
+        self.H, self.Di, self.N, self.R = c.hidden_size, c.mamba_inner_size, c.mamba_d_state, c.mamba_dt_rank
+        self.F, self.X, self.K = c.intermediate_size, c.num_experts, c.num_experts_per_tok
+        self.NX = self.R + 2 * self.N
+        self.NP = -(-self.Di // self.tiles["mamba_in"]["BD"])  # x_proj partial sums, one per mamba_in block
+        self.u = torch.empty(batch_size, self.Di, device=dev, dtype=dt)
+        self.z = torch.empty_like(self.u)
+        self.y = torch.empty_like(self.u)
+        self.xpart = torch.empty(self.NP, batch_size, self.NX, device=dev, dtype=torch.float32)
+        X = max(self.X, 1)
+        self.act = torch.empty(X, batch_size, self.F, device=dev, dtype=dt)
+        self.wsel = torch.empty(X, batch_size, device=dev, dtype=torch.float32)
+
+    def _k(self, bk: int, wrows: int) -> int:
+        """The reduction tile for this batch. GEMV tiles hold rows x wrows x tile products in registers, so
+        they shrink as rows are added; dot tiles stage (rows + wrows) x tile operands in shared memory
+        (3 stages), so they are capped to about 200 KB of it."""
+        if not self.dot:
+            return max(16, bk // self.BB)
+        cap = 65536 // (self.elsize * (self.BB + wrows))
+        return max(16, min(bk, 1 << (cap.bit_length() - 1)))
+
+    # ------------------------------------------------------------------ pieces
+    def norm_linear(self, h, norm, weight, bias=None, out=None):
+        """Linear(RMSNorm(h)) for h (B, H) -> (B, out_features) in h's dtype."""
+        t = self.tiles["norm_linear"]
+        Nout = weight.shape[0]
+        out = torch.empty(self.B, Nout, device=h.device, dtype=h.dtype) if out is None else out
+        self.fk.norm_linear_kernel[(-(-Nout // t["BN"]),)](
+            h, h.stride(0), norm.weight, norm.eps, weight, bias if bias is not None else weight, out, out.stride(0),
+            self.B, self.H, Nout, HAS_BIAS=bias is not None, BB=self.BB, BN=t["BN"], BK=self._k(t["BK"], t["BN"]),
+            IEEE=self.ieee, DOT=self.dot, num_warps=t["warps"])
+        return out
+
+    def down_residual(self, h, act, weight, bias=None, routed=False, X=1):
+        """h += act @ weight^T (+ bias), in place; routed: the MoE's weighted sum over experts."""
+        t = self.tiles["down"]
+        F = weight.shape[-1]
+        self.fk.down_residual_kernel[(-(-self.H // t["BH"]),)](
+            act, weight, weight.stride(0) if routed else 0, bias if bias is not None else weight, self.wsel, h,
+            h.stride(0), self.B, self.H, F, X, ROUTED=routed, HAS_BIAS=bias is not None, BB=self.BB, BH=t["BH"],
+            BF=self._k(t["BF"], t["BH"]), IEEE=self.ieee, DOT=self.dot, num_warps=t["warps"])
+
+    def mamba(self, h, layer, cache, i):
+        m = layer.mamba
+        conv = cache.conv[i]  # (B, K-1, Di)
+        fk, t1, t2 = self.fk, self.tiles["mamba_in"], self.tiles["mamba_ssm"]
+        fk.mamba_in_kernel[(2 * self.NP,)](
+            h, h.stride(0), layer.input_layernorm.weight, layer.input_layernorm.eps, m.in_proj.weight,
+            m.in_proj.bias if m.in_proj.bias is not None else m.in_proj.weight, conv, conv.stride(0), conv.stride(1),
+            m.conv1d.weight, m.conv1d.bias if m.conv1d.bias is not None else m.conv1d.weight, m.x_proj.weight,
+            self.u, self.z, self.xpart, self.B, self.H, self.Di, self.NX,
+            HAS_BIN=m.in_proj.bias is not None, HAS_CB=m.conv1d.bias is not None, KC=m.d_conv, NU=self.NP,
+            BB=self.BB, BD=t1["BD"], BK=self._k(t1["BK"], t1["BD"]), BX=_pow2(self.NX), IEEE=self.ieee, DOT=self.dot,
+            num_warps=t1["warps"])
+        fk.mamba_ssm_kernel[(-(-self.Di // t2["BD"]), self.B)](
+            self.xpart, self.u, self.z, m.dt_proj.weight, m.dt_proj.bias, m.A_log, m.D, m.dt_layernorm.weight,
+            m.b_layernorm.weight, m.c_layernorm.weight, m.dt_layernorm.eps, cache.ssm[i], self.y,
+            self.B, self.Di, self.R, self.N, self.NP,
+            BD=t2["BD"], BX=_pow2(self.NX), BP=_pow2(self.NP, 2), BR=_pow2(self.R, 2), BN=_pow2(self.N, 2),
+            num_warps=t2["warps"])
+        self.down_residual(h, self.y, m.out_proj.weight, m.out_proj.bias)
+
+    def _splits(self, cache, n_kv: int) -> tuple[int, int]:
+        """(number of key splits, positions per split) for flash-decoding over this cache: enough
+        (batch x KV head x split) programs for every SM twice, splits of at least 256 positions."""
+        L = cache.max_length
+        want = max(1, -(-2 * self.sms // (self.B * n_kv)))
+        s_len = max(256, -(-L // want))
+        s_len = -(-s_len // 64) * 64
+        return -(-L // s_len), s_len
+
+    def attention(self, h, layer, cache):
+        """q, k, v projections; k, v written at `cache.pos`; split-K flash-decoding over the filled
+        positions (the static step's masked softmax over the whole buffer, without reading the unfilled
+        part); o_proj + residual."""
+        a = layer.self_attn
+        norm = layer.input_layernorm
+        B, n_kv, hd = self.B, a.n_kv, a.head_dim
+        G = a.n_heads // n_kv
+        q = self.norm_linear(h, norm, a.q_proj.weight)
+        k = self.norm_linear(h, norm, a.k_proj.weight)
+        v = self.norm_linear(h, norm, a.v_proj.weight)
+        keys, values = cache.write_kv_at_pos(a.layer_idx, k.view(B, n_kv, 1, hd), v.view(B, n_kv, 1, hd))
+        NS, s_len = self._splits(cache, n_kv)
+        BG, BHD = _pow2(G), _pow2(hd)
+        key = (NS, BG, BHD, n_kv)
+        if getattr(self, "_attn_key", None) != key:  # sized once per cache (before any graph capture)
+            self._attn_key = key
+            self._attn_acc = torch.empty(B * n_kv * NS * BG * BHD, device=h.device, dtype=torch.float32)
+            self._attn_ml = torch.empty(B * n_kv * NS * BG * 2, device=h.device, dtype=torch.float32)
+            self._attn_out = torch.empty(B, a.n_heads * hd, device=h.device, dtype=h.dtype)
+        fk = self.fk
+        fk.attn_split_kernel[(B * n_kv, NS)](
+            q, keys, values, cache.key_mask, cache.pos, self._attn_acc, self._attn_ml, hd ** -0.5, n_kv, G, hd,
+            s_len, NS, keys.stride(0), keys.stride(1), cache.key_mask.stride(0),
+            BG=BG, BHD=BHD, BL=64, IEEE=self.ieee, num_warps=4)
+        fk.attn_combine_kernel[(B * n_kv, G)](
+            self._attn_acc, self._attn_ml, self._attn_out, n_kv, G, hd, NS, BG=BG, BHD=BHD, BS=_pow2(NS, 2),
+            num_warps=4)
+        self.down_residual(h, self._attn_out, a.o_proj.weight)
+
+    def ffn(self, h, layer):
+        ff, norm = layer.feed_forward, layer.pre_ff_layernorm
+        t = self.tiles["ffn_up"]
+        if layer.is_moe:
+            X, routed = ff.num_experts, True
+            gu, wd = ff.experts.gate_up_proj, ff.experts.down_proj
+            wg, wu, s_up = gu, gu[:, self.F:], gu.stride(0)
+            self.fk.router_kernel[(self.B,)](
+                h, h.stride(0), norm.weight, norm.eps, ff.router.weight, self.wsel, self.B, self.H, X,
+                TOPK=self.K, BXP=_pow2(X, 2), BK=256, num_warps=4)
+        else:
+            X, routed = 1, False
+            wg, wu, wd, s_up = ff.gate_proj.weight, ff.up_proj.weight, ff.down_proj.weight, 0
+        self.fk.ffn_up_kernel[(-(-self.F // t["BF"]), X)](
+            h, h.stride(0), norm.weight, norm.eps, wg, wu, s_up, self.act, self.wsel, self.B, self.H, self.F,
+            ROUTED=routed, BB=self.BB, BF=t["BF"], BK=self._k(t["BK"], 2 * t["BF"]), IEEE=self.ieee, DOT=self.dot,
+            num_warps=t["warps"])
+        self.down_residual(h, self.act, wd, routed=routed, X=X)
+
+    # ------------------------------------------------------------------ the step
+    def __call__(self, model, token_ids: torch.Tensor, cache, moe_impl=None) -> torch.Tensor:
+        """token_ids (B, 1) long -> last-position logits (B, V); advances `cache.pos` (as decode_step)."""
+        if token_ids.shape[0] != self.B:
+            raise ValueError(f"this fused step was built for batch {self.B}, got {token_ids.shape[0]} rows")
+        h = model.model.embed_tokens(token_ids[:, 0])  # (B, H): a fresh buffer, updated in place below
+        for i, layer in enumerate(model.model.layers):
+            if layer.is_attention:
+                self.attention(h, layer, cache)
+            else:
+                self.mamba(h, layer, cache, i)
+            self.ffn(h, layer)
+        logits = self.norm_linear(h, model.model.final_layernorm, model.lm_head.weight)
+        cache.pos.add_(1)
+        return logits

@@ -1,0 +1,401 @@
+"""Triton kernels of the fused one-token decoding step (see inference/fused.py for how they are chained).
+
+A decoding step at small batch reads every active weight once and does almost no arithmetic, so its
+time is the weight bytes plus one launch per kernel. These kernels cut the launches: each one computes the
+RMSNorm of its input rows itself, in the same pass as its matmul, so a norm never needs a kernel of its
+own, and each fuses the elementwise work around its matmul:
+
+    mamba_in     RMSNorm -> in_proj (u and z) -> causal-conv update (state shifted in place) + SiLU
+                 -> x_proj, written as per-channel-block partial sums
+    mamba_ssm    sum of the x_proj partials -> dt/B/C RMSNorms -> dt_proj -> softplus -> SSM state update
+                 (in place) -> C contraction + D skip -> silu(z) gate
+    router       RMSNorm -> router logits -> softmax -> top-k weights per expert (MoE layers)
+    ffn_up       RMSNorm -> gate/up of the routed experts only (or the dense MLP) -> SiLU * up
+    down_residual  down projection of the routed experts (or one linear layer), weighted sum over experts,
+                 residual add in place (MoE and MLP down, Mamba out_proj, attention o_proj)
+    norm_linear  RMSNorm -> one linear layer (attention projections, lm_head)
+
+Every weight is read once for all rows of the batch. Up to a few rows the matmuls are GEMVs (products
+summed in registers); above that the rows are padded to a tile of at least 16 and each matmul is a
+tensor-core `tl.dot` (DOT). Roundings to the model
+dtype happen where the eager layers round (after each linear layer and activation, and each residual
+add), so the fused step follows the eager step closely in bf16 and matches it in fp32; the one change of
+order is the RMSNorm, whose 1/rms row scale is applied after the matmul it feeds (see _norm_matmul).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ..ops.selective_scan import _interp_compat  # noqa: F401  (CPU interpreter only)
+from ..ops.selective_scan._kernels import LOG2E, _softplus
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    """a @ b with fp32 accumulation. IEEE: exact fp32 products of the inputs as fp32 (for fp32 models: no
+    TF32 rounding; and on the CPU interpreter, whose 16-bit dot is wrong)."""
+    if IEEE:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _mm(x, w, IEEE: tl.constexpr, DOT: tl.constexpr):
+    """x (BB, BK) @ w (BN, BK)^T -> (BB, BN) fp32. DOT: a tensor-core tl.dot (BB, BN >= 16); otherwise
+    products summed in registers, the faster form for one to a few rows (a GEMV: no shared-memory staging)."""
+    if DOT:
+        return _dot(x, tl.trans(w), IEEE)
+    else:
+        return tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+
+
+@triton.jit
+def _norm_matmul(h_ptr, s_hb, nw_ptr, w_ptr, s_wn, n0, N, B, H, eps,
+                 BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr, DOT: tl.constexpr):
+    """(BB, BN) fp32 = RMSNorm(h) @ W[n0:n0+BN]^T for a row-major W (N, H), in one pass over H.
+
+    The norm's row scale 1/rms commutes with the matmul, so the dot takes (h * norm weight) rounded to the
+    dtype and the accumulated rows are scaled at the end: the sums of squares ride along in the same
+    loop and no pass over h precedes the weight stream. Padded rows and columns are 0."""
+    rows = tl.arange(0, BB)
+    ns = n0 + tl.arange(0, BN)
+    dt = h_ptr.dtype.element_ty
+    ss = tl.zeros((BB,), tl.float32)
+    acc = tl.zeros((BB, BN), tl.float32)
+    for k0 in range(0, H, BK):
+        ks = k0 + tl.arange(0, BK)
+        x = tl.load(h_ptr + rows[:, None] * s_hb + ks[None, :], mask=(rows[:, None] < B) & (ks[None, :] < H),
+                    other=0.0).to(tl.float32)
+        g = tl.load(nw_ptr + ks, mask=ks < H, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + ns[:, None] * s_wn + ks[None, :], mask=(ns[:, None] < N) & (ks[None, :] < H),
+                    other=0.0)
+        ss += tl.sum(x * x, axis=1)
+        acc += _mm((x * g[None, :]).to(dt), w, IEEE, DOT)
+    return acc * (1.0 / tl.sqrt(ss / H + eps))[:, None]
+
+
+@triton.jit
+def norm_linear_kernel(h_ptr, s_hb, nw_ptr, eps, w_ptr, bias_ptr, y_ptr, s_yb, B, H, N,
+                       HAS_BIAS: tl.constexpr, BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                       IEEE: tl.constexpr, DOT: tl.constexpr):
+    """y (B, N) = Linear(RMSNorm(h)), in y's dtype. Grid: (cdiv(N, BN),)."""
+    n0 = tl.program_id(0) * BN
+    acc = _norm_matmul(h_ptr, s_hb, nw_ptr, w_ptr, H, n0, N, B, H, eps, BB, BN, BK, IEEE, DOT)
+    ns = n0 + tl.arange(0, BN)
+    rows = tl.arange(0, BB)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + ns, mask=ns < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rows[:, None] * s_yb + ns[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=(rows[:, None] < B) & (ns[None, :] < N))
+
+
+@triton.jit
+def mamba_in_kernel(
+    h_ptr, s_hb, nw_ptr, eps, win_ptr, bin_ptr, conv_ptr, s_cb, s_ck, cw_ptr, cb_ptr, wx_ptr,
+    u_ptr, z_ptr, xpart_ptr, B, H, Di, NX,
+    HAS_BIN: tl.constexpr, HAS_CB: tl.constexpr, KC: tl.constexpr, NU: tl.constexpr,
+    BB: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr, BX: tl.constexpr, IEEE: tl.constexpr,
+    DOT: tl.constexpr,
+):
+    """Programs [0, NU): BD channels of u = in_proj(RMSNorm(h))[:, :Di], the conv update of those channels
+    (conv state (B, KC-1, Di) shifted in place) + SiLU -> u (B, Di), and their share of x_proj:
+    xpart[p] (B, NX) fp32. Programs [NU, 2 NU): BD channels of z = in_proj(...)[:, Di:] -> z (B, Di)."""
+    pid = tl.program_id(0)
+    rows = tl.arange(0, BB)
+    rmask = rows < B
+    dt = h_ptr.dtype.element_ty
+    if pid < NU:
+        d0 = pid * BD
+        ds = d0 + tl.arange(0, BD)
+        dmask = ds < Di
+        acc = _norm_matmul(h_ptr, s_hb, nw_ptr, win_ptr, H, d0, Di, B, H, eps, BB, BD, BK, IEEE, DOT)
+        if HAS_BIN:
+            acc += tl.load(bin_ptr + ds, mask=dmask, other=0.0).to(tl.float32)[None, :]
+        x = acc.to(dt).to(tl.float32)  # in_proj output in the model dtype
+        m2 = rmask[:, None] & dmask[None, :]
+        # causal conv over [state_0 .. state_{KC-2}, x], then the state shifts left by one
+        y = tl.zeros((BB, BD), tl.float32)
+        for j in tl.static_range(KC - 1):
+            sj = tl.load(conv_ptr + rows[:, None] * s_cb + j * s_ck + ds[None, :], mask=m2, other=0.0).to(tl.float32)
+            y += sj * tl.load(cw_ptr + ds * KC + j, mask=dmask, other=0.0).to(tl.float32)[None, :]
+            if j > 0:
+                tl.store(conv_ptr + rows[:, None] * s_cb + (j - 1) * s_ck + ds[None, :], sj.to(dt), mask=m2)
+        y += x * tl.load(cw_ptr + ds * KC + (KC - 1), mask=dmask, other=0.0).to(tl.float32)[None, :]
+        if KC > 1:
+            tl.store(conv_ptr + rows[:, None] * s_cb + (KC - 2) * s_ck + ds[None, :], x.to(dt), mask=m2)
+        if HAS_CB:
+            y += tl.load(cb_ptr + ds, mask=dmask, other=0.0).to(tl.float32)[None, :]
+        uc = (y * tl.sigmoid(y)).to(dt)
+        tl.store(u_ptr + rows[:, None] * Di + ds[None, :], uc, mask=m2)
+        # this block's share of x_proj: (BB, BD) @ Wx[:, ds]^T
+        xs = tl.arange(0, BX)
+        wx = tl.load(wx_ptr + xs[None, :] * Di + ds[:, None], mask=dmask[:, None] & (xs[None, :] < NX), other=0.0)
+        ucm = tl.where(m2, uc, 0.0).to(dt)
+        if DOT:
+            part = _dot(ucm, wx, IEEE)
+        else:
+            part = tl.sum(ucm.to(tl.float32)[:, :, None] * wx.to(tl.float32)[None, :, :], axis=1)
+        tl.store(xpart_ptr + pid * B * NX + rows[:, None] * NX + xs[None, :], part,
+                 mask=rmask[:, None] & (xs[None, :] < NX))
+    else:
+        d0 = (pid - NU) * BD
+        ds = d0 + tl.arange(0, BD)
+        dmask = ds < Di
+        acc = _norm_matmul(h_ptr, s_hb, nw_ptr, win_ptr + Di * H, H, d0, Di, B, H, eps, BB, BD, BK, IEEE, DOT)
+        if HAS_BIN:
+            acc += tl.load(bin_ptr + Di + ds, mask=dmask, other=0.0).to(tl.float32)[None, :]
+        tl.store(z_ptr + rows[:, None] * Di + ds[None, :], acc.to(dt), mask=rmask[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _segment_norm(x, xs, lo, hi, w_ptr, eps):
+    """RMSNorm of x[lo:hi] (a slice of the x_proj row), in place in a full-width vector; 0 elsewhere."""
+    dt = w_ptr.dtype.element_ty
+    inside = (xs >= lo) & (xs < hi)
+    xm = tl.where(inside, x, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xm * xm, axis=0) / (hi - lo) + eps)
+    w = tl.load(w_ptr + (xs - lo), mask=inside, other=0.0).to(dt).to(tl.float32)
+    return tl.where(inside, ((xm * rstd).to(dt).to(tl.float32) * w).to(dt).to(tl.float32), 0.0)
+
+
+@triton.jit
+def mamba_ssm_kernel(
+    xpart_ptr, u_ptr, z_ptr, wdt_ptr, dtb_ptr, alog_ptr, dsk_ptr, dtn_ptr, bn_ptr, cn_ptr, eps,
+    state_ptr, y_ptr, B, Di, R, N, NP,
+    BD: tl.constexpr, BX: tl.constexpr, BP: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr,
+):
+    """Grid (cdiv(Di, BD), B): x_proj row b = sum of the NP partials, rounded to the model dtype; RMSNorms
+    of its dt (R), B and C (N) parts; dt for BD channels = dt_proj(dt) (rounded), + bias, softplus; the
+    state (B, Di, N) fp32 advanced in place; y = (C . state + D u) * silu(z) -> y (B, Di)."""
+    pd = tl.program_id(0)
+    b = tl.program_id(1)
+    dt = u_ptr.dtype.element_ty
+    NX = R + 2 * N
+    xs = tl.arange(0, BX)
+    ps = tl.arange(0, BP)
+    parts = tl.load(xpart_ptr + ps[:, None] * B * NX + b * NX + xs[None, :],
+                    mask=(ps[:, None] < NP) & (xs[None, :] < NX), other=0.0)
+    xrow = tl.sum(parts, axis=0).to(dt).to(tl.float32)  # x_proj output (NX,) in the model dtype
+    dtn = _segment_norm(xrow, xs, 0, R, dtn_ptr, eps)
+    bn = _segment_norm(xrow, xs, R, R + N, bn_ptr, eps)
+    cn = _segment_norm(xrow, xs, R + N, R + 2 * N, cn_ptr, eps)
+    ds = pd * BD + tl.arange(0, BD)
+    dmask = ds < Di
+    # dt_proj for these channels: W_dt (Di, R) rows ds against the normalised dt (R,)
+    rs = tl.arange(0, BR)
+    dt_r = tl.sum(tl.where(xs[None, :] == rs[:, None], dtn[None, :], 0.0), axis=1)  # (BR,) = dtn[:R]
+    wdt = tl.load(wdt_ptr + ds[:, None] * R + rs[None, :], mask=dmask[:, None] & (rs[None, :] < R),
+                  other=0.0).to(tl.float32)
+    delta = tl.sum(wdt * dt_r[None, :], axis=1).to(dt).to(tl.float32)
+    delta += tl.load(dtb_ptr + ds, mask=dmask, other=0.0).to(tl.float32)
+    delta = _softplus(delta)
+    ns = tl.arange(0, BN)
+    nmask = ns < N
+    bvec = tl.sum(tl.where(xs[None, :] == (R + ns)[:, None], bn[None, :], 0.0), axis=1)  # (BN,)
+    cvec = tl.sum(tl.where(xs[None, :] == (R + N + ns)[:, None], cn[None, :], 0.0), axis=1)
+    m2 = dmask[:, None] & nmask[None, :]
+    A = -tl.exp(tl.load(alog_ptr + ds[:, None] * N + ns[None, :], mask=m2, other=0.0).to(tl.float32))
+    u = tl.load(u_ptr + b * Di + ds, mask=dmask, other=0.0).to(tl.float32)
+    s_ptrs = state_ptr + b * Di * N + ds[:, None] * N + ns[None, :]
+    h = tl.load(s_ptrs, mask=m2, other=0.0)
+    h = tl.exp2(delta[:, None] * A * LOG2E) * h + (delta * u)[:, None] * bvec[None, :]
+    tl.store(s_ptrs, h, mask=m2)
+    y = tl.sum(h * cvec[None, :], axis=1) + u * tl.load(dsk_ptr + ds, mask=dmask, other=0.0).to(tl.float32)
+    zz = tl.load(z_ptr + b * Di + ds, mask=dmask, other=0.0).to(tl.float32)
+    y = y * zz * tl.sigmoid(zz)
+    tl.store(y_ptr + b * Di + ds, y.to(dt), mask=dmask)
+
+
+@triton.jit
+def router_kernel(h_ptr, s_hb, nw_ptr, eps, wr_ptr, wsel_ptr, B, H, X,
+                  TOPK: tl.constexpr, BXP: tl.constexpr, BK: tl.constexpr):
+    """Grid (B,): row b's MoE routing. Softmax over the X router logits of RMSNorm(h[b]), the top-k kept
+    without renormalisation (lowest expert index first on ties); wsel[e, b] = that weight, rounded to the
+    model dtype as the eager router's, or 0 where e is not among the top k."""
+    b = tl.program_id(0)
+    dt = h_ptr.dtype.element_ty
+    xs = tl.arange(0, BXP)
+    ss = tl.zeros((1,), tl.float32)
+    logits = tl.zeros((BXP,), tl.float32)
+    for k0 in range(0, H, BK):
+        ks = k0 + tl.arange(0, BK)
+        kmask = ks < H
+        x = tl.load(h_ptr + b * s_hb + ks, mask=kmask, other=0.0).to(tl.float32)
+        g = tl.load(nw_ptr + ks, mask=kmask, other=0.0).to(tl.float32)
+        w = tl.load(wr_ptr + xs[:, None] * H + ks[None, :], mask=(xs[:, None] < X) & kmask[None, :], other=0.0)
+        ss += tl.sum(x * x, axis=0)
+        logits += tl.sum(w.to(tl.float32) * (x * g).to(dt).to(tl.float32)[None, :], axis=1)
+    logits = (logits * (1.0 / tl.sqrt(ss / H + eps))).to(dt).to(tl.float32)
+    logits = tl.where(xs < X, logits, float("-inf"))
+    p = tl.exp(logits - tl.max(logits, axis=0))
+    p = p / tl.sum(p, axis=0)
+    work = tl.where(xs < X, p, -1.0)
+    wsel = tl.zeros((BXP,), tl.float32)
+    for _ in tl.static_range(TOPK):
+        best = tl.max(work, axis=0)
+        j = tl.min(tl.where(work == best, xs, BXP), axis=0)
+        wsel = tl.where(xs == j, best, wsel)
+        work = tl.where(xs == j, -1.0, work)
+    tl.store(wsel_ptr + xs * B + b, wsel.to(dt).to(tl.float32), mask=xs < X)
+
+
+@triton.jit
+def ffn_up_kernel(
+    h_ptr, s_hb, nw_ptr, eps, wg_ptr, wu_ptr, s_we, act_ptr, wsel_ptr, B, H, F,
+    ROUTED: tl.constexpr, BB: tl.constexpr, BF: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
+    DOT: tl.constexpr,
+):
+    """Grid (cdiv(F, BF), X). Expert e = program_id(1) of a MoE (ROUTED: rows with wsel[e, b] != 0, from
+    router_kernel) or the dense MLP (X = 1, every row): act[e, b, f-block] = silu(gate_e x) * up_e x with
+    x = RMSNorm(h). An expert no row picked reads no weights."""
+    pf = tl.program_id(0)
+    e = tl.program_id(1)
+    rows = tl.arange(0, BB)
+    rmask = rows < B
+    dt = h_ptr.dtype.element_ty
+    if ROUTED:
+        w = tl.load(wsel_ptr + e * B + rows, mask=rmask, other=0.0)
+    else:
+        w = tl.where(rmask, 1.0, 0.0)
+    if tl.max(tl.abs(w), axis=0) != 0.0:
+        # gate and up rows of this block in one pass over H (the norm as in _norm_matmul)
+        fs = pf * BF + tl.arange(0, BF)
+        fmask = fs < F
+        ss = tl.zeros((BB,), tl.float32)
+        g = tl.zeros((BB, BF), tl.float32)
+        up = tl.zeros((BB, BF), tl.float32)
+        for k0 in range(0, H, BK):
+            ks = k0 + tl.arange(0, BK)
+            kmask = ks < H
+            x = tl.load(h_ptr + rows[:, None] * s_hb + ks[None, :], mask=rmask[:, None] & kmask[None, :],
+                        other=0.0).to(tl.float32)
+            nw = tl.load(nw_ptr + ks, mask=kmask, other=0.0).to(tl.float32)
+            wg = tl.load(wg_ptr + e * s_we + fs[:, None] * H + ks[None, :], mask=fmask[:, None] & kmask[None, :],
+                         other=0.0)
+            wu = tl.load(wu_ptr + e * s_we + fs[:, None] * H + ks[None, :], mask=fmask[:, None] & kmask[None, :],
+                         other=0.0)
+            ss += tl.sum(x * x, axis=1)
+            xw = (x * nw[None, :]).to(dt)
+            g += _mm(xw, wg, IEEE, DOT)
+            up += _mm(xw, wu, IEEE, DOT)
+        rstd = (1.0 / tl.sqrt(ss / H + eps))[:, None]
+        g = (g * rstd).to(dt).to(tl.float32)
+        a = (g * tl.sigmoid(g)).to(dt).to(tl.float32) * (up * rstd).to(dt).to(tl.float32)
+        tl.store(act_ptr + e * B * F + rows[:, None] * F + fs[None, :], a.to(dt), mask=rmask[:, None] & fmask[None, :])
+
+
+@triton.jit
+def down_residual_kernel(
+    act_ptr, wd_ptr, s_we, bias_ptr, wsel_ptr, h_ptr, s_hb, B, H, F, X,
+    ROUTED: tl.constexpr, HAS_BIAS: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr, BF: tl.constexpr,
+    IEEE: tl.constexpr, DOT: tl.constexpr,
+):
+    """Grid (cdiv(H, BH),): h[:, block] += the layer output, in place, rounded as the eager layers round.
+
+    ROUTED (MoE): out = sum over the experts some row picked (in expert order, each term rounded) of
+    wsel[e] * down_e(act[e]), act (X, B, F), down weights (X, H, F). Otherwise one linear layer:
+    out = act @ W^T (+ bias) with act (B, F), W (H, F): the MLP's down projection, Mamba's out_proj,
+    attention's o_proj."""
+    hs = tl.program_id(0) * BH + tl.arange(0, BH)
+    hmask = hs < H
+    rows = tl.arange(0, BB)
+    rmask = rows < B
+    dt = h_ptr.dtype.element_ty
+    out = tl.zeros((BB, BH), tl.float32)
+    for e in range(X):
+        if ROUTED:
+            w = tl.load(wsel_ptr + e * B + rows, mask=rmask, other=0.0)
+        else:
+            w = tl.where(rmask, 1.0, 0.0)
+        if tl.max(tl.abs(w), axis=0) != 0.0:
+            acc = tl.zeros((BB, BH), tl.float32)
+            for f0 in range(0, F, BF):
+                fs = f0 + tl.arange(0, BF)
+                a = tl.load(act_ptr + e * B * F + rows[:, None] * F + fs[None, :],
+                            mask=rmask[:, None] & (fs[None, :] < F), other=0.0)
+                wd = tl.load(wd_ptr + e * s_we + hs[:, None] * F + fs[None, :],
+                             mask=hmask[:, None] & (fs[None, :] < F), other=0.0)
+                acc += _mm(a, wd, IEEE, DOT)
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + hs, mask=hmask, other=0.0).to(tl.float32)[None, :]
+            y = acc.to(dt).to(tl.float32)
+            if ROUTED:
+                y = (y * w[:, None]).to(dt).to(tl.float32)
+                out = (out + y).to(dt).to(tl.float32)
+            else:
+                out = y
+    m2 = rmask[:, None] & hmask[None, :]
+    hp = h_ptr + rows[:, None] * s_hb + hs[None, :]
+    hv = tl.load(hp, mask=m2, other=0.0).to(tl.float32)
+    tl.store(hp, (hv + out).to(dt), mask=m2)
+
+
+@triton.jit
+def attn_split_kernel(
+    q_ptr, k_ptr, v_ptr, mask_ptr, pos_ptr, acc_ptr, ml_ptr, scale, HKV, G, HD, S_LEN, NS,
+    s_kb, s_kh, s_mb, BG: tl.constexpr, BHD: tl.constexpr, BL: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Grid (B * Hkv, NS): split `sp` of the keys of one KV head, positions [sp * S_LEN, (sp + 1) * S_LEN)
+    cut at the current position (read on the device: only filled positions are read), for the G query
+    heads that share it. Online softmax; writes the unnormalised output (G, hd) and (max, sum) per head."""
+    bh = tl.program_id(0)
+    sp = tl.program_id(1)
+    b = (bh // HKV).to(tl.int64)  # b * s_kb passes 2^31 for large caches
+    hk = (bh % HKV).to(tl.int64)
+    pos = tl.load(pos_ptr).to(tl.int32)
+    gs = tl.arange(0, BG)
+    ds = tl.arange(0, BHD)
+    gmask = gs < G
+    dmask = ds < HD
+    qv = tl.load(q_ptr + b * (HKV * G * HD) + (hk * G + gs[:, None]) * HD + ds[None, :],
+                 mask=gmask[:, None] & dmask[None, :], other=0.0)
+    dt = qv.dtype
+    m = tl.full((BG,), float("-inf"), tl.float32)
+    lsum = tl.zeros((BG,), tl.float32)
+    acc = tl.zeros((BG, BHD), tl.float32)
+    start = sp * S_LEN
+    end = tl.minimum(start + S_LEN, pos + 1)
+    kbase = k_ptr + b * s_kb + hk * s_kh
+    vbase = v_ptr + b * s_kb + hk * s_kh
+    for l0 in range(start, end, BL):
+        ls = l0 + tl.arange(0, BL)
+        lm = ls < end
+        valid = lm & (tl.load(mask_ptr + b * s_mb + ls, mask=lm, other=0) != 0)
+        kt = tl.load(kbase + ls[:, None] * HD + ds[None, :], mask=lm[:, None] & dmask[None, :], other=0.0)
+        s = _dot(qv, tl.trans(kt), IEEE) * scale  # (BG, BL)
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m - m_safe)
+        vt = tl.load(vbase + ls[:, None] * HD + ds[None, :], mask=lm[:, None] & dmask[None, :], other=0.0)
+        lsum = lsum * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + _dot(p.to(dt), vt, IEEE)
+        m = m_new
+    base = (bh * NS + sp) * BG
+    tl.store(acc_ptr + (base + gs[:, None]) * BHD + ds[None, :], acc)
+    tl.store(ml_ptr + (base + gs) * 2, m)
+    tl.store(ml_ptr + (base + gs) * 2 + 1, lsum)
+
+
+@triton.jit
+def attn_combine_kernel(acc_ptr, ml_ptr, out_ptr, HKV, G, HD, NS,
+                        BG: tl.constexpr, BHD: tl.constexpr, BS: tl.constexpr):
+    """Grid (B * Hkv, G): merge the NS splits' partial softmaxes of one query head -> out (B, Hq * hd)."""
+    bh = tl.program_id(0)
+    g = tl.program_id(1)
+    b = bh // HKV
+    hk = bh % HKV
+    ss = tl.arange(0, BS)
+    ds = tl.arange(0, BHD)
+    smask = ss < NS
+    row = (bh * NS + ss) * BG + g  # (BS,) partial rows of this head
+    m = tl.load(ml_ptr + row * 2, mask=smask, other=float("-inf"))
+    lsum = tl.load(ml_ptr + row * 2 + 1, mask=smask, other=0.0)
+    w = tl.where(m == float("-inf"), 0.0, tl.exp(m - tl.max(m, axis=0)))
+    a = tl.load(acc_ptr + row[:, None] * BHD + ds[None, :], mask=smask[:, None], other=0.0)
+    out = tl.sum(w[:, None] * a, axis=0) / tl.sum(w * lsum, axis=0)
+    tl.store(out_ptr + b * (HKV * G * HD) + (hk * G + g) * HD + ds, out.to(out_ptr.dtype.element_ty), mask=ds < HD)

@@ -1,0 +1,112 @@
+"""The fused decoding step (Triton kernels: compiled on CUDA, the interpreter on the CPU) against the static
+step it replaces."""
+
+import pytest
+import torch
+
+from openjamba import JambaConfig, JambaForCausalLM
+from openjamba.inference import FusedDecodeStep, Generator, generate
+from openjamba.inference.fused import GEMV_MAX_ROWS, MAX_BATCH
+from openjamba.inference.step import decode_step
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+def _model(dtype=torch.float32, **overrides):
+    torch.manual_seed(0)
+    cfg = JambaConfig.from_name("jamba-tiny", **overrides)
+    model = JambaForCausalLM(cfg).eval()
+    with torch.no_grad():  # non-trivial norm weights, biases and SSM parameters: every input matters
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                p.uniform_(0.5, 1.5)
+            elif name.endswith("bias") or name.endswith(".D"):
+                p.normal_(0.0, 0.5)
+    return model.to(device=DEVICE, dtype=dtype)
+
+
+def _compare(model, batch, steps, rtol, atol):
+    """Teacher-forced steps through both; logits and every cache tensor compared after each step."""
+    cfg = model.config
+    ref_cache, cache = model.new_cache(batch, steps + 4), model.new_cache(batch, steps + 4)
+    fused = FusedDecodeStep(model, batch)
+    ids = torch.randint(0, cfg.vocab_size, (batch, steps), device=DEVICE)
+    with torch.no_grad():
+        for t in range(steps):
+            want = decode_step(model, ids[:, t:t + 1], ref_cache, "dense")
+            got = fused(model, ids[:, t:t + 1], cache)
+            ref_cache.advance(1)
+            cache.advance(1)
+            torch.testing.assert_close(got.float(), want.float(), rtol=rtol, atol=atol)
+    for name in ("conv", "ssm", "key", "value"):
+        for i, ref in getattr(ref_cache, name).items():
+            torch.testing.assert_close(getattr(cache, name)[i].float(), ref.float(), rtol=rtol, atol=atol)
+    assert int(cache.pos) == steps
+
+
+@pytest.mark.parametrize("overrides", [
+    {},  # Mamba + attention, MoE every other layer, top-2 of 4
+    dict(mamba_proj_bias=True, mamba_conv_bias=False, num_experts_per_tok=1),
+    dict(expert_layer_period=1, expert_layer_offset=0, num_experts=3, mamba_d_state=5, mamba_dt_rank=3),
+    dict(num_experts=1, num_experts_per_tok=1, hidden_size=40, intermediate_size=72, mamba_d_conv=3, tie_word_embeddings=True),
+])
+def test_fused_step_equals_static_step_fp32(overrides):
+    _compare(_model(**overrides), batch=3, steps=5, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [1, GEMV_MAX_ROWS + 2])  # the GEMV form and the tensor-core form
+def test_both_matmul_forms_equal_static_step_fp32(batch):
+    _compare(_model(mamba_proj_bias=True), batch=batch, steps=3, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_step_follows_static_step_bf16():
+    """Rounded where the modules round: within a couple of bf16 steps of the static step."""
+    _compare(_model(torch.bfloat16), batch=2, steps=4, rtol=2e-2, atol=2e-2)
+
+
+def test_generator_fused_greedy_tokens_equal_static():
+    model = _model()
+    ids = torch.randint(0, 128, (2, 9), device=DEVICE)
+    static = generate(model, ids, max_new_tokens=6, temperature=0, mode="static", step="static")
+    fused = generate(model, ids, max_new_tokens=6, temperature=0, mode="static", step="fused")
+    assert torch.equal(static, fused)
+
+
+def test_fused_step_is_chosen_visibly_and_refused_clearly(monkeypatch):
+    model = _model()
+    assert Generator(model, 2, 16, mode="static", step="fused").step == "fused"
+    assert Generator(model, 2, 16, mode="static").step == ("fused" if CUDA else "static")  # auto: fused on CUDA
+    with pytest.raises(RuntimeError, match=f"batch {MAX_BATCH + 1}"):
+        Generator(model, MAX_BATCH + 1, 16, mode="static", step="fused")
+    with pytest.raises(ValueError, match="moe_impl"):
+        Generator(model, 2, 16, mode="static", step="fused", moe_impl="dense")
+    with pytest.raises(ValueError, match="use mode 'static' or 'graph'"):
+        Generator(model, 2, 16, mode="eager", step="fused")
+    with pytest.raises(ValueError, match="unknown step"):
+        Generator(model, 2, 16, mode="static", step="fast")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="fused kernels run on CUDA"):
+        Generator(model.cpu(), 2, 16, mode="static", step="fused")
+    step = FusedDecodeStep.__new__(FusedDecodeStep)
+    step.B = 2
+    with pytest.raises(ValueError, match="built for batch 2"):
+        step(model, torch.zeros(3, 1, dtype=torch.long), None)
+
+
+def test_fused_attention_over_splits_and_left_padding_fp32():
+    """A long left-padded prompt: two flash-decoding splits (the second partly filled) and masked keys,
+    against the static step's softmax over the whole buffer."""
+    model = _model()
+    B, T = 2, 600
+    ids = torch.randint(0, 128, (B, T), device=DEVICE)
+    mask = torch.ones(B, T, dtype=torch.long, device=DEVICE)
+    mask[1, :77] = 0
+    gens = [Generator(model, B, 1100, mode="static", step=s) for s in ("static", "fused")]
+    assert gens[1]._step._splits(gens[1].cache, model.config.num_key_value_heads)[0] >= 2
+    first = [g.prefill(ids, mask) for g in gens]
+    torch.testing.assert_close(first[1], first[0])
+    feed = torch.randint(0, 128, (B, 3), device=DEVICE)
+    for t in range(feed.shape[1]):
+        want, got = (g.decode_one_token(feed[:, t]) for g in gens)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
