@@ -137,7 +137,8 @@ class Generator:
         try:
             self._capture()
         except Exception as e:  # noqa: BLE001 - retried once with the portable MoE routing, then re-raised
-            if self.moe_impl in ("dense", "fused") or isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e):
+            oom = isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e)
+            if self.moe_impl in ("dense", "fused") or oom:
                 raise
             logger.warning("CUDA graph capture with MoE %s failed (%s: %s); retrying with dense",
                            self.moe_impl, type(e).__name__, e)

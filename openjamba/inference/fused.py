@@ -54,6 +54,11 @@ def fused_unavailable(model, batch_size: int) -> str | None:
         return f"dtype {model.dtype} is not supported (fp32, bf16, fp16)"
     if batch_size > MAX_BATCH:
         return f"batch {batch_size} is above the fused step's {MAX_BATCH} rows"
+    for name, p in model.named_parameters():  # the kernels index weights as dense row-major arrays
+        if p.dtype != model.dtype:
+            return f"parameter {name} is {p.dtype}, the model {model.dtype} (the kernels take one dtype)"
+        if not p.is_contiguous():
+            return f"parameter {name} is not contiguous (the kernels read row-major weights)"
     return None
 
 
@@ -126,6 +131,11 @@ class FusedDecodeStep:
             h.stride(0), self.B, self.H, F, X, ROUTED=routed, HAS_BIAS=bias is not None, BB=self.BB, BH=t["BH"],
             BF=self._k(t["BF"], t["BH"]), IEEE=self.ieee, DOT=self.dot, num_warps=t["warps"])
 
+    def partials_tile(self) -> int:
+        """x_proj partial sums mamba_ssm reduces at a time: all of them where the (partials x columns) tile
+        stays small (jamba-1b: 128 x 128), in slices for wide models (Jamba-v0.1: 512 partials x 288)."""
+        return max(2, min(_pow2(self.NP, 2), 16384 // _pow2(self.NX)))
+
     def mamba(self, h, layer, cache, i):
         m = layer.mamba
         conv = cache.conv[i]  # (B, K-1, Di)
@@ -142,7 +152,7 @@ class FusedDecodeStep:
             self.xpart, self.u, self.z, m.dt_proj.weight, m.dt_proj.bias, m.A_log, m.D, m.dt_layernorm.weight,
             m.b_layernorm.weight, m.c_layernorm.weight, m.dt_layernorm.eps, cache.ssm[i], self.y,
             self.B, self.Di, self.R, self.N, self.NP,
-            BD=t2["BD"], BX=_pow2(self.NX), BP=_pow2(self.NP, 2), BR=_pow2(self.R, 2), BN=_pow2(self.N, 2),
+            BD=t2["BD"], BX=_pow2(self.NX), BP=t2.get("BP") or self.partials_tile(), BN=_pow2(self.N, 2),
             num_warps=t2["warps"])
         self.down_residual(h, self.y, m.out_proj.weight, m.out_proj.bias)
 

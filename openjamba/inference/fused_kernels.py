@@ -165,7 +165,7 @@ def _segment_norm(x, xs, lo, hi, w_ptr, eps):
 def mamba_ssm_kernel(
     xpart_ptr, u_ptr, z_ptr, wdt_ptr, dtb_ptr, alog_ptr, dsk_ptr, dtn_ptr, bn_ptr, cn_ptr, eps,
     state_ptr, y_ptr, B, Di, R, N, NP,
-    BD: tl.constexpr, BX: tl.constexpr, BP: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr,
+    BD: tl.constexpr, BX: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
 ):
     """Grid (cdiv(Di, BD), B): x_proj row b = sum of the NP partials, rounded to the model dtype; RMSNorms
     of its dt (R), B and C (N) parts; dt for BD channels = dt_proj(dt) (rounded), + bias, softplus; the
@@ -175,21 +175,23 @@ def mamba_ssm_kernel(
     dt = u_ptr.dtype.element_ty
     NX = R + 2 * N
     xs = tl.arange(0, BX)
-    ps = tl.arange(0, BP)
-    parts = tl.load(xpart_ptr + ps[:, None] * B * NX + b * NX + xs[None, :],
-                    mask=(ps[:, None] < NP) & (xs[None, :] < NX), other=0.0)
-    xrow = tl.sum(parts, axis=0).to(dt).to(tl.float32)  # x_proj output (NX,) in the model dtype
+    xrow = tl.zeros((BX,), tl.float32)
+    for p0 in range(0, NP, BP):  # BP partials at a time
+        ps = p0 + tl.arange(0, BP)
+        parts = tl.load(xpart_ptr + ps[:, None] * B * NX + b * NX + xs[None, :],
+                        mask=(ps[:, None] < NP) & (xs[None, :] < NX), other=0.0)
+        xrow += tl.sum(parts, axis=0)
+    xrow = xrow.to(dt).to(tl.float32)  # x_proj output (NX,) in the model dtype
     dtn = _segment_norm(xrow, xs, 0, R, dtn_ptr, eps)
     bn = _segment_norm(xrow, xs, R, R + N, bn_ptr, eps)
     cn = _segment_norm(xrow, xs, R + N, R + 2 * N, cn_ptr, eps)
     ds = pd * BD + tl.arange(0, BD)
     dmask = ds < Di
-    # dt_proj for these channels: W_dt (Di, R) rows ds against the normalised dt (R,)
-    rs = tl.arange(0, BR)
-    dt_r = tl.sum(tl.where(xs[None, :] == rs[:, None], dtn[None, :], 0.0), axis=1)  # (BR,) = dtn[:R]
-    wdt = tl.load(wdt_ptr + ds[:, None] * R + rs[None, :], mask=dmask[:, None] & (rs[None, :] < R),
+    # dt_proj for these channels: W_dt (Di, R) rows ds against the normalised dt, which sits in x_proj
+    # columns [0, R) (dtn is 0 elsewhere)
+    wdt = tl.load(wdt_ptr + ds[:, None] * R + xs[None, :], mask=dmask[:, None] & (xs[None, :] < R),
                   other=0.0).to(tl.float32)
-    delta = tl.sum(wdt * dt_r[None, :], axis=1).to(dt).to(tl.float32)
+    delta = tl.sum(wdt * dtn[None, :], axis=1).to(dt).to(tl.float32)
     delta += tl.load(dtb_ptr + ds, mask=dmask, other=0.0).to(tl.float32)
     delta = _softplus(delta)
     ns = tl.arange(0, BN)

@@ -26,11 +26,11 @@ def _model(dtype=torch.float32, **overrides):
     return model.to(device=DEVICE, dtype=dtype)
 
 
-def _compare(model, batch, steps, rtol, atol):
+def _compare(model, batch, steps, rtol, atol, tiles=None):
     """Teacher-forced steps through both; logits and every cache tensor compared after each step."""
     cfg = model.config
     ref_cache, cache = model.new_cache(batch, steps + 4), model.new_cache(batch, steps + 4)
-    fused = FusedDecodeStep(model, batch)
+    fused = FusedDecodeStep(model, batch, tiles)
     ids = torch.randint(0, cfg.vocab_size, (batch, steps), device=DEVICE)
     with torch.no_grad():
         for t in range(steps):
@@ -49,7 +49,8 @@ def _compare(model, batch, steps, rtol, atol):
     {},  # Mamba + attention, MoE every other layer, top-2 of 4
     dict(mamba_proj_bias=True, mamba_conv_bias=False, num_experts_per_tok=1),
     dict(expert_layer_period=1, expert_layer_offset=0, num_experts=3, mamba_d_state=5, mamba_dt_rank=3),
-    dict(num_experts=1, num_experts_per_tok=1, hidden_size=40, intermediate_size=72, mamba_d_conv=3, tie_word_embeddings=True),
+    dict(num_experts=1, num_experts_per_tok=1, hidden_size=40, intermediate_size=72, mamba_d_conv=3,
+         tie_word_embeddings=True),
 ])
 def test_fused_step_equals_static_step_fp32(overrides):
     _compare(_model(**overrides), batch=3, steps=5, rtol=1e-5, atol=1e-5)
@@ -58,6 +59,13 @@ def test_fused_step_equals_static_step_fp32(overrides):
 @pytest.mark.parametrize("batch", [1, GEMV_MAX_ROWS + 2])  # the GEMV form and the tensor-core form
 def test_both_matmul_forms_equal_static_step_fp32(batch):
     _compare(_model(mamba_proj_bias=True), batch=batch, steps=3, rtol=1e-5, atol=1e-5)
+
+
+def test_x_proj_partials_reduced_in_slices_fp32():
+    """Wide models reduce the x_proj partial sums a slice at a time (here 2 at a time of 4: batch 1 takes
+    the GEMV tiles, 16 channels per mamba_in program, so d_inner 64 gives 4 partials)."""
+    assert FusedDecodeStep(_model(), 1).NP == 4
+    _compare(_model(), batch=1, steps=3, rtol=1e-5, atol=1e-5, tiles={"mamba_ssm": {"BP": 2}})
 
 
 def test_fused_step_follows_static_step_bf16():
@@ -110,3 +118,15 @@ def test_fused_attention_over_splits_and_left_padding_fp32():
     for t in range(feed.shape[1]):
         want, got = (g.decode_one_token(feed[:, t]) for g in gens)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_weights_the_kernels_cannot_index_are_refused_by_name():
+    model = _model()
+    experts = model.model.layers[1].feed_forward.experts
+    experts.gate_up_proj.data = experts.gate_up_proj.data.transpose(1, 2).contiguous().transpose(1, 2)
+    with pytest.raises(RuntimeError, match="layers.1.feed_forward.experts.gate_up_proj is not contiguous"):
+        Generator(model, 2, 16, mode="static", step="fused")
+    model = _model()
+    model.model.layers[0].mamba.A_log.data = model.model.layers[0].mamba.A_log.data.double()
+    with pytest.raises(RuntimeError, match="layers.0.mamba.A_log is torch.float64"):
+        Generator(model, 2, 16, mode="static", step="fused")
