@@ -1,0 +1,141 @@
+"""Where a decode step's time goes: the three step kinds side by side, and the fused step's kernels.
+
+    python benchmarks/bench_decode_step.py                  # jamba-1b, bf16, batches 1 and 16, context 1024
+    python benchmarks/bench_decode_step.py --sweep          # also sweep the fused kernels' tiles at batch 1
+
+For each batch: the graph-replayed milliseconds per token of the fused, static and compiled steps
+(measured one after another on the same model and cache size), and one torch.profiler pass over the
+fused step launched eagerly (kernels per token, GPU time per kernel). --sweep times the fused step with
+each candidate tile configuration of one kernel family at a time (coordinate descent from the
+defaults in inference/fused.py) and reports the best; the defaults there come from such a sweep.
+Writes benchmarks/results/decode_step_profile.json (or --out). Needs CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from openjamba.bench.common import build_model, machine
+from openjamba.config import JambaConfig
+from openjamba.inference import FusedDecodeStep, Generator
+
+# candidate tiles per kernel family for one row (the GEMV form); the first of each is the default
+GEMV_CANDIDATES = {
+    "ffn_up": [dict(BF=16, BK=512, warps=4), dict(BF=8, BK=1024, warps=4), dict(BF=32, BK=256, warps=4),
+               dict(BF=32, BK=512, warps=8)],
+    "down": [dict(BH=4, BF=2048, warps=4), dict(BH=8, BF=1024, warps=4), dict(BH=8, BF=2048, warps=8),
+             dict(BH=4, BF=1024, warps=4)],
+    "mamba_in": [dict(BD=16, BK=1024, warps=8), dict(BD=16, BK=512, warps=4), dict(BD=32, BK=512, warps=8)],
+    "norm_linear": [dict(BN=8, BK=1024, warps=4), dict(BN=16, BK=512, warps=4), dict(BN=16, BK=1024, warps=8)],
+    "mamba_ssm": [dict(BD=16, warps=4), dict(BD=32, warps=4), dict(BD=16, warps=2)],
+}
+
+
+def graph_ms(model, batch: int, step: str, context: int, reps: int = 100) -> float:
+    """Graph-replayed ms per token of one Generator step kind at a synthetic context."""
+    gen = Generator(model, batch, 2 * context, mode="graph", step=step)
+    gen.cache.length = context
+    gen.cache.sync_position()
+    tok = torch.zeros(batch, dtype=torch.long, device=model.device)
+    for _ in range(3):
+        tok = gen.decode_one_token(tok).argmax(-1)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        tok = gen.decode_one_token(tok).argmax(-1)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / reps * 1e3
+
+
+def fused_graph_ms(model, batch: int, context: int, tiles=None, reps: int = 60) -> float:
+    """Like graph_ms for a FusedDecodeStep with explicit tiles."""
+    cache = model.new_cache(batch, 2 * context)
+    cache.length = context
+    cache.sync_position()
+    step = FusedDecodeStep(model, batch, tiles)
+    tok = torch.zeros(batch, 1, dtype=torch.long, device=model.device)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.inference_mode():
+        for _ in range(2):
+            step(model, tok, cache)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.inference_mode(), torch.cuda.graph(graph):
+        step(model, tok, cache)
+    cache.sync_position()
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        graph.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / reps * 1e3
+
+
+def fused_kernels(model, batch: int, context: int, top: int = 12) -> dict:
+    """One profiler pass over 4 eagerly launched fused steps: kernels per token and the costliest ones."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gen = Generator(model, batch, 2 * context, mode="static", step="fused")
+    gen.cache.length = context
+    gen.cache.sync_position()
+    tok = torch.zeros(batch, dtype=torch.long, device=model.device)
+    for _ in range(3):
+        tok = gen.decode_one_token(tok).argmax(-1)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(4):
+            tok = gen.decode_one_token(tok).argmax(-1)
+        torch.cuda.synchronize()
+    kernels = sorted((e for e in prof.key_averages() if e.device_time_total > 0),
+                     key=lambda e: e.self_device_time_total, reverse=True)
+    return dict(kernel_ms_per_step=sum(e.self_device_time_total for e in kernels) / 4e3,
+                kernels_per_step=sum(e.count for e in kernels) / 4,
+                top=[(e.key[:90], round(e.self_device_time_total / 4e3, 4), e.count // 4) for e in kernels[:top]])
+
+
+def sweep(model, context: int) -> dict:
+    best, log = {}, []
+    for family, candidates in GEMV_CANDIDATES.items():
+        times = [fused_graph_ms(model, 1, context, dict(best, **{family: c})) for c in candidates]
+        i = min(range(len(times)), key=times.__getitem__)
+        best[family] = candidates[i]
+        log += [dict(family=family, tiles=c, ms=t) for c, t in zip(candidates, times)]
+        print(f"  {family}: best {candidates[i]} {times[i]:.4f} ms", flush=True)
+    return dict(best=best, ms=fused_graph_ms(model, 1, context, best), log=log)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="jamba-1b")
+    p.add_argument("--batches", default="1,16")
+    p.add_argument("--context", type=int, default=1024)
+    p.add_argument("--sweep", action="store_true", help="also sweep the fused kernels' GEMV tiles (batch 1)")
+    p.add_argument("--out", default="benchmarks/results/decode_step_profile.json")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_decode_step needs a CUDA GPU (graph replays and the profiler's CUDA kernels)")
+    model = build_model(JambaConfig.from_name(args.preset), "cuda", torch.bfloat16)
+    record = dict(benchmark="decode step: graph-replayed ms per token by step kind, and the fused step's kernels",
+                  preset=args.preset, context=args.context, dtype="bfloat16", machine=machine())
+    for batch in (int(b) for b in args.batches.split(",")):
+        record[f"fused_b{batch}"] = fused_kernels(model, batch, args.context)
+        for step in ("fused", "static", "compiled"):
+            record[f"graph_{step}_b{batch}_ms"] = ms = graph_ms(model, batch, step, args.context)
+            print(f"batch {batch:3d} {step:<9} {ms:.3f} ms/token", flush=True)
+    if args.sweep:
+        record["sweep_b1"] = sweep(model, args.context)
+    with open(args.out, "w") as f:
+        json.dump(record, f, indent=1)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
