@@ -19,9 +19,10 @@ import time
 
 import torch
 
-from openjamba.bench.common import build_model, machine
+from openjamba.bench.common import build_model, machine, profile_kernels
 from openjamba.config import JambaConfig
 from openjamba.inference import FusedDecodeStep, Generator
+from openjamba.inference.engine import capture_step
 
 # candidate tiles per kernel family for one row (the GEMV form); the first of each is the default
 GEMV_CANDIDATES = {
@@ -35,69 +36,51 @@ GEMV_CANDIDATES = {
 }
 
 
-def graph_ms(model, batch: int, step: str, context: int, reps: int = 100) -> float:
-    """Graph-replayed ms per token of one Generator step kind at a synthetic context."""
-    gen = Generator(model, batch, 2 * context, mode="graph", step=step)
-    gen.cache.length = context
-    gen.cache.sync_position()
-    tok = torch.zeros(batch, dtype=torch.long, device=model.device)
+def _at_context(cache, context: int):
+    """A synthetic context: the cache's length and device position set without a prefill."""
+    cache.length = context
+    cache.sync_position()
+
+
+def _ms_per_call(fn, reps: int) -> float:
     for _ in range(3):
-        tok = gen.decode_one_token(tok).argmax(-1)
+        fn()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(reps):
-        tok = gen.decode_one_token(tok).argmax(-1)
+        fn()
     torch.cuda.synchronize()
     return (time.perf_counter() - t0) / reps * 1e3
+
+
+def graph_ms(model, batch: int, step: str, context: int, reps: int = 100) -> float:
+    """Graph-replayed ms per token of one Generator step kind at a synthetic context."""
+    gen = Generator(model, batch, 2 * context, mode="graph", step=step)
+    _at_context(gen.cache, context)
+    tok = torch.zeros(batch, dtype=torch.long, device=model.device)
+    return _ms_per_call(lambda: tok.copy_(gen.decode_one_token(tok).argmax(-1)), reps)  # greedy, as decoding
 
 
 def fused_graph_ms(model, batch: int, context: int, tiles=None, reps: int = 60) -> float:
     """Like graph_ms for a FusedDecodeStep with explicit tiles."""
     cache = model.new_cache(batch, 2 * context)
-    cache.length = context
-    cache.sync_position()
-    step = FusedDecodeStep(model, batch, tiles)
     tok = torch.zeros(batch, 1, dtype=torch.long, device=model.device)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side), torch.inference_mode():
-        for _ in range(2):
-            step(model, tok, cache)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.inference_mode(), torch.cuda.graph(graph):
-        step(model, tok, cache)
-    cache.sync_position()
-    for _ in range(3):
-        graph.replay()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        graph.replay()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / reps * 1e3
+    graph, _ = capture_step(FusedDecodeStep(model, batch, tiles), model, tok, cache, None)
+    _at_context(cache, context)
+    return _ms_per_call(graph.replay, reps)
 
 
 def fused_kernels(model, batch: int, context: int, top: int = 12) -> dict:
     """One profiler pass over 4 eagerly launched fused steps: kernels per token and the costliest ones."""
-    from torch.profiler import ProfilerActivity, profile
-
     gen = Generator(model, batch, 2 * context, mode="static", step="fused")
-    gen.cache.length = context
-    gen.cache.sync_position()
+    _at_context(gen.cache, context)
     tok = torch.zeros(batch, dtype=torch.long, device=model.device)
-    for _ in range(3):
-        tok = gen.decode_one_token(tok).argmax(-1)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(4):
-            tok = gen.decode_one_token(tok).argmax(-1)
-        torch.cuda.synchronize()
-    kernels = sorted((e for e in prof.key_averages() if e.device_time_total > 0),
-                     key=lambda e: e.self_device_time_total, reverse=True)
-    return dict(kernel_ms_per_step=sum(e.self_device_time_total for e in kernels) / 4e3,
-                kernels_per_step=sum(e.count for e in kernels) / 4,
-                top=[(e.key[:90], round(e.self_device_time_total / 4e3, 4), e.count // 4) for e in kernels[:top]])
+
+    def greedy():
+        tok.copy_(gen.decode_one_token(tok).argmax(-1))
+
+    _ms_per_call(greedy, 1)  # warm-up (Triton compilation)
+    return profile_kernels(greedy, top, repeats=4)
 
 
 def sweep(model, context: int) -> dict:

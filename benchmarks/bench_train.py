@@ -28,6 +28,7 @@ import time
 import torch
 
 from openjamba import ops
+from openjamba.bench.common import profile_kernels
 from openjamba.config import JambaConfig
 from openjamba.model import JambaForCausalLM
 from openjamba.train.config import TrainConfig
@@ -93,7 +94,7 @@ def run_variant(name: str, args, device: torch.device) -> dict:
             break
     times.sort()
     median = times[len(times) // 2]
-    profile = profile_step(step, sync, args.profile) if args.profile and device.type == "cuda" else None
+    profile = profile_kernels(step, args.profile) if args.profile and device.type == "cuda" else None
     tokens = args.batch * args.seq
     tps = tokens / median
     fpt = flops_per_token(config, args.seq)
@@ -110,21 +111,6 @@ def run_variant(name: str, args, device: torch.device) -> dict:
     if profile is not None:
         result["profile"] = profile
     return result  # the model and optimizer go with this frame: the next variant starts from empty memory
-
-
-def profile_step(step, sync, top: int) -> dict:
-    """One step under torch.profiler: total GPU kernel time and the `top` kernels by summed time."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step()
-        sync()
-    kernels = [e for e in prof.key_averages() if e.device_time_total > 0]
-    total = sum(e.self_device_time_total for e in kernels)
-    kernels.sort(key=lambda e: e.self_device_time_total, reverse=True)
-    return {"gpu_ms": total / 1e3, "kernels": len(kernels),
-            "top": [{"name": e.key[:120], "ms": e.self_device_time_total / 1e3, "calls": e.count,
-                     "share": e.self_device_time_total / max(total, 1)} for e in kernels[:top]]}
 
 
 def main(argv=None) -> int:
@@ -170,7 +156,7 @@ def main(argv=None) -> int:
             if "profile" in r:
                 print(f"    profile: {r['profile']['gpu_ms']:.1f} ms of GPU kernels, {r['profile']['kernels']} kinds")
                 for k in r["profile"]["top"]:
-                    print(f"    {100 * k['share']:5.1f}% {k['ms']:8.2f} ms {k['calls']:5d}x  {k['name']}")
+                    print(f"    {100 * k['share']:5.1f}% {k['ms']:8.2f} ms {k['calls']:5.0f}x  {k['name']}")
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                    f"train_{args.preset}_{device.type}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)

@@ -144,6 +144,25 @@ def parse_dtype(name: str) -> torch.dtype:
     return table[name]
 
 
+def profile_kernels(fn, top: int, repeats: int = 1) -> dict:
+    """Run fn() `repeats` times under torch.profiler (CUDA kernels) and synchronise; per call: GPU kernel
+    milliseconds and kernel launches, plus the kinds of kernel and the `top` kinds by summed time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            fn()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if e.device_time_total > 0]
+    total = sum(e.self_device_time_total for e in kernels)
+    kernels.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    return {"gpu_ms": total / 1e3 / repeats, "launches": sum(e.count for e in kernels) / repeats,
+            "kernels": len(kernels),
+            "top": [{"name": e.key[:120], "ms": e.self_device_time_total / 1e3 / repeats,
+                     "calls": e.count / repeats, "share": e.self_device_time_total / max(total, 1)}
+                    for e in kernels[:top]]}
+
+
 def write_json(out_dir, name: str, payload: dict) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -12,5 +12,5 @@ from .sampling import SamplingParams, filter_logits, make_generators, sample
 from .step import MOE_IMPLS, decode_step, moe_forward_static
 
 __all__ = ["Generator", "generate", "MODES", "STEPS", "FusedDecodeStep", "fused_unavailable", "plan_memory",
-           "check_fits", "max_batch", "device_budget", "MemoryPlan", "DoesNotFit", "SamplingParams", "sample", "filter_logits", "make_generators", "decode_step",
-           "moe_forward_static", "MOE_IMPLS"]
+           "check_fits", "max_batch", "device_budget", "MemoryPlan", "DoesNotFit", "SamplingParams", "sample",
+           "filter_logits", "make_generators", "decode_step", "moe_forward_static", "MOE_IMPLS"]

@@ -16,7 +16,7 @@ Steps (what "static" and "graph" run; `step=`):
   "static"   - step.py's decode_step, layer by layer as the model's modules compute (any device).
   "compiled" - the same through torch.compile (Inductor fuses its elementwise ops; the first call compiles).
   "fused"    - fused.py's FusedDecodeStep: Triton kernels that fold the norms, routing and gates into the
-               matmuls, 3 to 5 kernels per layer (CUDA, batch <= 64).
+               matmuls, 5 or 6 kernels per Mamba layer (CUDA, batch <= 64).
   "auto"     - "fused" where it can run and moe_impl is "auto", else "static".
 The host only enqueues work: sampling is on the device and the EOS test reads back once every
 `check_every` steps.
@@ -50,6 +50,23 @@ def compiled_decode_step():
     if _compiled_step is None:
         _compiled_step = torch.compile(decode_step)
     return _compiled_step
+
+
+def capture_step(step, model, token: torch.Tensor, cache, moe_impl):
+    """Capture one decode step `step(model, token, cache, moe_impl)` in a CUDA graph; returns (graph, logits
+    buffer). Three warm-up steps run first on a side stream (cuBLAS handles, Triton compilation), so they
+    advance the cache: reset or reposition it before replaying."""
+    device = token.device
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side), torch.inference_mode():
+        for _ in range(3):
+            step(model, token, cache, moe_impl)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.inference_mode(), torch.cuda.graph(graph):
+        logits = step(model, token, cache, moe_impl)
+    return graph, logits
 
 
 class Generator:
@@ -121,16 +138,8 @@ class Generator:
 
     # ------------------------------------------------------------------ CUDA graph
     def _capture(self) -> None:
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side), torch.inference_mode():
-            for _ in range(3):  # warm-up: cuBLAS handles, Triton autotuning and JIT happen outside capture
-                self._step(self.model, self._token, self.cache, self.moe_impl)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.inference_mode(), torch.cuda.graph(graph):
-            self._graph_logits = self._step(self.model, self._token, self.cache, self.moe_impl)
-        self._graph = graph
+        self._graph, self._graph_logits = capture_step(self._step, self.model, self._token, self.cache,
+                                                       self.moe_impl)
         self.cache.reset()  # the warm-up steps wrote into the state; capture itself ran nothing
 
     def _capture_with_fallback(self) -> None:

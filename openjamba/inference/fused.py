@@ -1,9 +1,10 @@
-"""The fused one-token decoding step: the static step (inference/step.py) in 3 to 5 kernels per layer.
+"""The fused one-token decoding step: the static step (inference/step.py) in a few kernels per layer.
 
 `FusedDecodeStep(model, batch_size)` is called like `decode_step(model, token_ids, cache, moe_impl)` and
-gives the same results (the same maths, rounded at the same places; tests compare the two), but the
-eager step launches ~75 kernels per layer at batch 1 (each RMSNorm alone is seven), which at small batch
-costs more than reading the weights. Per layer it runs:
+gives the same results (the same maths, rounded at the same places except the RMSNorm's row scale,
+applied after the matmul it feeds; tests compare the two), but the eager step launches ~75 kernels per
+layer at batch 1 (each RMSNorm alone is seven), which at small batch costs more than reading the
+weights. Per layer it runs:
 
     Mamba       mamba_in (norm, in_proj, conv, x_proj partials) -> mamba_ssm (dt/B/C norms, dt_proj, state
                 update, gate) -> down_residual (out_proj + residual)
@@ -12,7 +13,9 @@ costs more than reading the weights. Per layer it runs:
     MoE / MLP   router (MoE only: norm, router, softmax, top-k) -> ffn_up (norm, gate/up of the routed
                 experts) -> down_residual (down, weighted sum, residual)
 
-plus the embedding gather and norm_linear for the lm_head. Kernels are in inference/fused_kernels.py.
+plus the embedding gather and norm_linear for the lm_head: 5 kernels for a Mamba layer with a dense MLP,
+6 with MoE, 10 or 11 for an attention layer (K/V are written with two index_copy_). Kernels are in
+inference/fused_kernels.py.
 Batches up to MAX_BATCH rows; the step is shape-static and reads nothing back to the host, so a CUDA
 graph captures it. It needs Triton on CUDA (or the CPU interpreter, TRITON_INTERPRET=1, for tests).
 """

@@ -106,26 +106,15 @@ def test_scan_gpu(b, L, D, N, dtype):
 
 
 @pytest.mark.parametrize("cfg", [((8, 4, 2), (8, 8, 1)), ((8, 8, 4), (2, 4, 2)), ((4, 16, 4), (4, 16, 4))])
-def test_scan_tile_configs(cfg, device):
+def test_scan_tile_configs(cfg, device, monkeypatch):
     """Other tilings, including backward blocks shorter than the forward ones (states saved mid-block)."""
-    mod = importlib.import_module("openjamba.ops.selective_scan.triton")
-
-    old = mod.CONFIG_OVERRIDE
-    mod.CONFIG_OVERRIDE = cfg
-    try:
-        check(2, 27, 6, 4, torch.float32, device)
-    finally:
-        mod.CONFIG_OVERRIDE = old
+    monkeypatch.setattr(importlib.import_module("openjamba.ops.selective_scan.triton"), "CONFIG_OVERRIDE", cfg)
+    check(2, 27, 6, 4, torch.float32, device)
 
 
 @pytest.mark.parametrize("chunks", [2, 5])
-def test_scan_chunk_parallel_forward(chunks, device):
+def test_scan_chunk_parallel_forward(chunks, device, monkeypatch):
     """The sequence split into chunks scanned in parallel (two passes) gives the same results."""
-    mod = importlib.import_module("openjamba.ops.selective_scan.triton")
-    old = mod.CHUNKS_OVERRIDE
-    mod.CHUNKS_OVERRIDE = chunks
-    try:
-        check(2, 45, 6, 4, torch.float32, device)
-        check(1, 45, 6, 4, torch.float32, device, with_h0=False)
-    finally:
-        mod.CHUNKS_OVERRIDE = old
+    monkeypatch.setattr(importlib.import_module("openjamba.ops.selective_scan.triton"), "CHUNKS_OVERRIDE", chunks)
+    check(2, 45, 6, 4, torch.float32, device)
+    check(1, 45, 6, 4, torch.float32, device, with_h0=False)
