@@ -4,8 +4,9 @@
     python benchmarks/bench_decode_step.py --sweep          # also sweep the fused kernels' tiles at batch 1
 
 For each batch: the graph-replayed milliseconds per token of the fused, static and compiled steps
-(measured one after another on the same model and cache size), and one torch.profiler pass over the
-fused step launched eagerly (kernels per token, GPU time per kernel). --sweep times the fused step with
+(measured one after another on the same model and cache size; the Generator's step with its greedy
+pick), the fused step's graph alone with and without programmatic dependent launch (PDL), and one
+torch.profiler pass over the fused step launched eagerly (kernels per token, GPU time per kernel). --sweep times the fused step with
 each candidate tile configuration of one kernel family at a time (coordinate descent from the
 defaults in inference/fused.py) and reports the best; the defaults there come from such a sweep.
 Writes benchmarks/results/decode_step_profile.json (or --out). Needs CUDA.
@@ -26,8 +27,8 @@ from openjamba.inference.engine import capture_step
 
 # candidate tiles per kernel family for one row (the GEMV form); the first of each is the default
 GEMV_CANDIDATES = {
-    "ffn_up": [dict(BF=16, BK=512, warps=4), dict(BF=8, BK=1024, warps=4), dict(BF=32, BK=256, warps=4),
-               dict(BF=32, BK=512, warps=8)],
+    "ffn_up": [dict(BF=16, BK=512, warps=4), dict(BF=8, BK=1024, warps=4), dict(BF=16, BK=1024, warps=8),
+               dict(BF=32, BK=256, warps=4), dict(BF=32, BK=512, warps=8)],
     "down": [dict(BH=4, BF=2048, warps=4), dict(BH=8, BF=1024, warps=4), dict(BH=8, BF=2048, warps=8),
              dict(BH=4, BF=1024, warps=4)],
     "mamba_in": [dict(BD=16, BK=1024, warps=8), dict(BD=16, BK=512, warps=4), dict(BD=32, BK=512, warps=8)],
@@ -61,11 +62,11 @@ def graph_ms(model, batch: int, step: str, context: int, reps: int = 100) -> flo
     return _ms_per_call(lambda: tok.copy_(gen.decode_one_token(tok).argmax(-1)), reps)  # greedy, as decoding
 
 
-def fused_graph_ms(model, batch: int, context: int, tiles=None, reps: int = 60) -> float:
-    """Like graph_ms for a FusedDecodeStep with explicit tiles."""
+def fused_graph_ms(model, batch: int, context: int, tiles=None, pdl=None, reps: int = 60) -> float:
+    """The replayed graph of one FusedDecodeStep (explicit tiles, PDL on or off) alone, ms per token."""
     cache = model.new_cache(batch, 2 * context)
     tok = torch.zeros(batch, 1, dtype=torch.long, device=model.device)
-    graph, _ = capture_step(FusedDecodeStep(model, batch, tiles), model, tok, cache, None)
+    graph, _ = capture_step(FusedDecodeStep(model, batch, tiles, pdl=pdl), model, tok, cache, None)
     _at_context(cache, context)
     return _ms_per_call(graph.replay, reps)
 
@@ -99,6 +100,7 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default="jamba-1b")
     p.add_argument("--batches", default="1,16")
     p.add_argument("--context", type=int, default=1024)
+    p.add_argument("--steps", default="fused,static,compiled", help="Generator step kinds to time")
     p.add_argument("--sweep", action="store_true", help="also sweep the fused kernels' GEMV tiles (batch 1)")
     p.add_argument("--out", default="benchmarks/results/decode_step_profile.json")
     args = p.parse_args(argv)
@@ -109,9 +111,12 @@ def main(argv=None) -> int:
                   preset=args.preset, context=args.context, dtype="bfloat16", machine=machine())
     for batch in (int(b) for b in args.batches.split(",")):
         record[f"fused_b{batch}"] = fused_kernels(model, batch, args.context)
-        for step in ("fused", "static", "compiled"):
+        for step in args.steps.split(","):
             record[f"graph_{step}_b{batch}_ms"] = ms = graph_ms(model, batch, step, args.context)
             print(f"batch {batch:3d} {step:<9} {ms:.3f} ms/token", flush=True)
+        for pdl in (True, False):
+            record[f"fused_graph_pdl_{pdl}_b{batch}_ms"] = ms = fused_graph_ms(model, batch, args.context, pdl=pdl)
+            print(f"batch {batch:3d} fused graph alone, PDL {'on ' if pdl else 'off'} {ms:.4f} ms/token", flush=True)
     if args.sweep:
         record["sweep_b1"] = sweep(model, args.context)
     with open(args.out, "w") as f:

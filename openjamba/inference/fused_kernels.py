@@ -20,7 +20,12 @@ summed in registers); above that the rows are padded to a tile of at least 16 an
 tensor-core `tl.dot` (DOT). Roundings to the model
 dtype happen where the eager layers round (after each linear layer and activation, and each residual
 add), so the fused step follows the eager step closely in bf16 and matches it in fp32; the one change of
-order is the RMSNorm, whose 1/rms row scale is applied after the matmul it feeds (see _norm_matmul).
+order is the RMSNorm, whose 1/rms row scale is applied after the matmul it feeds (see _matmul).
+
+PDL (programmatic dependent launch, compute capability >= 9): each kernel may start while the previous one
+finishes. It first loads the weights it needs (data no kernel of the step writes), then waits for the
+previous kernel (_after_previous_kernel), so the weight stream of one kernel overlaps the tail of the one
+before it. A MoE's expert weights depend on the routing, so they are read after the wait.
 """
 
 from __future__ import annotations
@@ -30,6 +35,24 @@ import triton.language as tl
 
 from ..ops.selective_scan import _interp_compat  # noqa: F401  (CPU interpreter only)
 from ..ops.selective_scan._kernels import LOG2E, _softplus
+
+try:  # programmatic dependent launch: Triton >= 3.4, GPUs of compute capability >= 9
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    HAS_GDC = True
+except ImportError:  # the kernels then run with PDL=False only
+    gdc_launch_dependents = gdc_wait = None
+    HAS_GDC = False
+
+
+@triton.jit
+def _after_previous_kernel(PDL: tl.constexpr):
+    """PDL (programmatic dependent launch): the kernel was launched while the one before it was still running,
+    and until here it has read nothing but model weights (which no kernel of the step writes). Wait for the
+    previous kernel to finish (its writes, and those of every kernel before it, are then visible), then let
+    the next kernel launch and start streaming its own weights."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
 
 
 @triton.jit
@@ -53,37 +76,58 @@ def _mm(x, w, IEEE: tl.constexpr, DOT: tl.constexpr):
 
 
 @triton.jit
-def _norm_matmul(h_ptr, s_hb, nw_ptr, w_ptr, s_wn, n0, N, B, H, eps,
-                 BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr, DOT: tl.constexpr):
-    """(BB, BN) fp32 = RMSNorm(h) @ W[n0:n0+BN]^T for a row-major W (N, H), in one pass over H.
-
-    The norm's row scale 1/rms commutes with the matmul, so the dot takes (h * norm weight) rounded to the
-    dtype and the accumulated rows are scaled at the end: the sums of squares ride along in the same
-    loop and no pass over h precedes the weight stream. Padded rows and columns are 0."""
-    rows = tl.arange(0, BB)
+def _w_tile(w_ptr, s_wn, n0, N, k0, K, BN: tl.constexpr, BK: tl.constexpr):
+    """W[n0:n0+BN, k0:k0+BK] of a row-major weight (N, K) with row stride s_wn; 0 outside."""
     ns = n0 + tl.arange(0, BN)
-    dt = h_ptr.dtype.element_ty
-    ss = tl.zeros((BB,), tl.float32)
-    acc = tl.zeros((BB, BN), tl.float32)
-    for k0 in range(0, H, BK):
-        ks = k0 + tl.arange(0, BK)
-        x = tl.load(h_ptr + rows[:, None] * s_hb + ks[None, :], mask=(rows[:, None] < B) & (ks[None, :] < H),
-                    other=0.0).to(tl.float32)
-        g = tl.load(nw_ptr + ks, mask=ks < H, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + ns[:, None] * s_wn + ks[None, :], mask=(ns[:, None] < N) & (ks[None, :] < H),
-                    other=0.0)
-        ss += tl.sum(x * x, axis=1)
-        acc += _mm((x * g[None, :]).to(dt), w, IEEE, DOT)
-    return acc * (1.0 / tl.sqrt(ss / H + eps))[:, None]
+    ks = k0 + tl.arange(0, BK)
+    return tl.load(w_ptr + ns[:, None] * s_wn + ks[None, :], mask=(ns[:, None] < N) & (ks[None, :] < K), other=0.0)
+
+
+@triton.jit
+def _x_tile(x_ptr, s_xb, nw_ptr, B, k0, K, BB: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr):
+    """X[:B, k0:k0+BK] in x's dtype (0 outside) and the fp32 sums of squares of its rows. NORM: multiplied
+    by the RMSNorm weight nw and rounded to the dtype (the 1/rms row scale comes after the matmul)."""
+    rows = tl.arange(0, BB)
+    ks = k0 + tl.arange(0, BK)
+    x = tl.load(x_ptr + rows[:, None] * s_xb + ks[None, :], mask=(rows[:, None] < B) & (ks[None, :] < K), other=0.0)
+    if NORM:
+        xf = x.to(tl.float32)
+        ss = tl.sum(xf * xf, axis=1)
+        x = (xf * tl.load(nw_ptr + ks, mask=ks < K, other=0.0).to(tl.float32)[None, :]).to(x_ptr.dtype.element_ty)
+    else:
+        ss = tl.zeros((BB,), tl.float32)
+    return x, ss
+
+
+@triton.jit
+def _matmul(x_ptr, s_xb, nw_ptr, eps, w0, w_ptr, s_wn, n0, N, B, K,
+            BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr, IEEE: tl.constexpr,
+            DOT: tl.constexpr):
+    """(BB, BN) fp32 = X[:B] @ W[n0:n0+BN]^T for a row-major W (N, K) whose first tile w0 = W[n0:, :BK] the
+    caller loaded already (before _after_previous_kernel: the weight stream starts while the previous kernel
+    finishes; with BK >= K that is the whole share of W). NORM: X = RMSNorm(x) with weight nw, in the same
+    pass: the row scale 1/rms commutes with the matmul, so the dot takes (x * nw) rounded to the dtype and the
+    accumulated rows are scaled at the end. Padded rows and columns are 0."""
+    x, ss = _x_tile(x_ptr, s_xb, nw_ptr, B, 0, K, BB, BK, NORM)
+    acc = _mm(x, w0, IEEE, DOT)
+    for k0 in range(BK, K, BK):
+        x, s = _x_tile(x_ptr, s_xb, nw_ptr, B, k0, K, BB, BK, NORM)
+        ss += s
+        acc += _mm(x, _w_tile(w_ptr, s_wn, n0, N, k0, K, BN, BK), IEEE, DOT)
+    if NORM:
+        acc = acc * (1.0 / tl.sqrt(ss / K + eps))[:, None]
+    return acc
 
 
 @triton.jit
 def norm_linear_kernel(h_ptr, s_hb, nw_ptr, eps, w_ptr, bias_ptr, y_ptr, s_yb, B, H, N,
                        HAS_BIAS: tl.constexpr, BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                       IEEE: tl.constexpr, DOT: tl.constexpr):
+                       IEEE: tl.constexpr, DOT: tl.constexpr, PDL: tl.constexpr):
     """y (B, N) = Linear(RMSNorm(h)), in y's dtype. Grid: (cdiv(N, BN),)."""
     n0 = tl.program_id(0) * BN
-    acc = _norm_matmul(h_ptr, s_hb, nw_ptr, w_ptr, H, n0, N, B, H, eps, BB, BN, BK, IEEE, DOT)
+    w0 = _w_tile(w_ptr, H, n0, N, 0, H, BN, BK)
+    _after_previous_kernel(PDL)
+    acc = _matmul(h_ptr, s_hb, nw_ptr, eps, w0, w_ptr, H, n0, N, B, H, BB, BN, BK, True, IEEE, DOT)
     ns = n0 + tl.arange(0, BN)
     rows = tl.arange(0, BB)
     if HAS_BIAS:
@@ -98,7 +142,7 @@ def mamba_in_kernel(
     u_ptr, z_ptr, xpart_ptr, B, H, Di, NX,
     HAS_BIN: tl.constexpr, HAS_CB: tl.constexpr, KC: tl.constexpr, NU: tl.constexpr,
     BB: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr, BX: tl.constexpr, IEEE: tl.constexpr,
-    DOT: tl.constexpr,
+    DOT: tl.constexpr, PDL: tl.constexpr,
 ):
     """Programs [0, NU): BD channels of u = in_proj(RMSNorm(h))[:, :Di], the conv update of those channels
     (conv state (B, KC-1, Di) shifted in place) + SiLU -> u (B, Di), and their share of x_proj:
@@ -111,7 +155,12 @@ def mamba_in_kernel(
         d0 = pid * BD
         ds = d0 + tl.arange(0, BD)
         dmask = ds < Di
-        acc = _norm_matmul(h_ptr, s_hb, nw_ptr, win_ptr, H, d0, Di, B, H, eps, BB, BD, BK, IEEE, DOT)
+        xs = tl.arange(0, BX)
+        # weights first: this block's in_proj tile and its x_proj columns (NX, Di)[:, ds] as (BX, BD)
+        w0 = _w_tile(win_ptr, H, d0, Di, 0, H, BD, BK)
+        wx = tl.load(wx_ptr + xs[:, None] * Di + ds[None, :], mask=(xs[:, None] < NX) & dmask[None, :], other=0.0)
+        _after_previous_kernel(PDL)
+        acc = _matmul(h_ptr, s_hb, nw_ptr, eps, w0, win_ptr, H, d0, Di, B, H, BB, BD, BK, True, IEEE, DOT)
         if HAS_BIN:
             acc += tl.load(bin_ptr + ds, mask=dmask, other=0.0).to(tl.float32)[None, :]
         x = acc.to(dt).to(tl.float32)  # in_proj output in the model dtype
@@ -130,24 +179,19 @@ def mamba_in_kernel(
             y += tl.load(cb_ptr + ds, mask=dmask, other=0.0).to(tl.float32)[None, :]
         uc = (y * tl.sigmoid(y)).to(dt)
         tl.store(u_ptr + rows[:, None] * Di + ds[None, :], uc, mask=m2)
-        # this block's share of x_proj: (BB, BD) @ Wx[:, ds]^T
-        xs = tl.arange(0, BX)
-        wx = tl.load(wx_ptr + xs[None, :] * Di + ds[:, None], mask=dmask[:, None] & (xs[None, :] < NX), other=0.0)
-        ucm = tl.where(m2, uc, 0.0).to(dt)
-        if DOT:
-            part = _dot(ucm, wx, IEEE)
-        else:
-            part = tl.sum(ucm.to(tl.float32)[:, :, None] * wx.to(tl.float32)[None, :, :], axis=1)
+        # this block's share of x_proj: (BB, BD) @ (BX, BD)^T
+        part = _mm(tl.where(m2, uc, 0.0).to(dt), wx, IEEE, DOT)
         tl.store(xpart_ptr + pid * B * NX + rows[:, None] * NX + xs[None, :], part,
                  mask=rmask[:, None] & (xs[None, :] < NX))
     else:
         d0 = (pid - NU) * BD
         ds = d0 + tl.arange(0, BD)
-        dmask = ds < Di
-        acc = _norm_matmul(h_ptr, s_hb, nw_ptr, win_ptr + Di * H, H, d0, Di, B, H, eps, BB, BD, BK, IEEE, DOT)
+        w0 = _w_tile(win_ptr + Di * H, H, d0, Di, 0, H, BD, BK)
+        _after_previous_kernel(PDL)
+        acc = _matmul(h_ptr, s_hb, nw_ptr, eps, w0, win_ptr + Di * H, H, d0, Di, B, H, BB, BD, BK, True, IEEE, DOT)
         if HAS_BIN:
-            acc += tl.load(bin_ptr + Di + ds, mask=dmask, other=0.0).to(tl.float32)[None, :]
-        tl.store(z_ptr + rows[:, None] * Di + ds[None, :], acc.to(dt), mask=rmask[:, None] & dmask[None, :])
+            acc += tl.load(bin_ptr + Di + ds, mask=ds < Di, other=0.0).to(tl.float32)[None, :]
+        tl.store(z_ptr + rows[:, None] * Di + ds[None, :], acc.to(dt), mask=rmask[:, None] & (ds[None, :] < Di))
 
 
 @triton.jit
@@ -165,7 +209,7 @@ def _segment_norm(x, xs, lo, hi, w_ptr, eps):
 def mamba_ssm_kernel(
     xpart_ptr, u_ptr, z_ptr, wdt_ptr, dtb_ptr, alog_ptr, dsk_ptr, dtn_ptr, bn_ptr, cn_ptr, eps,
     state_ptr, y_ptr, B, Di, R, N, NP,
-    BD: tl.constexpr, BX: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+    BD: tl.constexpr, BX: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PDL: tl.constexpr,
 ):
     """Grid (cdiv(Di, BD), B): x_proj row b = sum of the NP partials, rounded to the model dtype; RMSNorms
     of its dt (R), B and C (N) parts; dt for BD channels = dt_proj(dt) (rounded), + bias, softplus; the
@@ -175,6 +219,24 @@ def mamba_ssm_kernel(
     dt = u_ptr.dtype.element_ty
     NX = R + 2 * N
     xs = tl.arange(0, BX)
+    ds = pd * BD + tl.arange(0, BD)
+    dmask = ds < Di
+    ns = tl.arange(0, BN)
+    nmask = ns < N
+    m2 = dmask[:, None] & nmask[None, :]
+    # the weights of these channels first: W_dt (Di, R) rows ds, against the normalised dt that sits in
+    # x_proj columns [0, R); A, D and the dt bias
+    wdt = tl.load(wdt_ptr + ds[:, None] * R + xs[None, :], mask=dmask[:, None] & (xs[None, :] < R),
+                  other=0.0).to(tl.float32)
+    A = -tl.exp(tl.load(alog_ptr + ds[:, None] * N + ns[None, :], mask=m2, other=0.0).to(tl.float32))
+    dskip = tl.load(dsk_ptr + ds, mask=dmask, other=0.0).to(tl.float32)
+    dtbias = tl.load(dtb_ptr + ds, mask=dmask, other=0.0).to(tl.float32)
+    _after_previous_kernel(PDL)
+    # every load of this row is issued before the first is used: their latencies overlap
+    u = tl.load(u_ptr + b * Di + ds, mask=dmask, other=0.0).to(tl.float32)
+    zz = tl.load(z_ptr + b * Di + ds, mask=dmask, other=0.0).to(tl.float32)
+    s_ptrs = state_ptr + b * Di * N + ds[:, None] * N + ns[None, :]
+    h = tl.load(s_ptrs, mask=m2, other=0.0)
     xrow = tl.zeros((BX,), tl.float32)
     for p0 in range(0, NP, BP):  # BP partials at a time
         ps = p0 + tl.arange(0, BP)
@@ -185,52 +247,30 @@ def mamba_ssm_kernel(
     dtn = _segment_norm(xrow, xs, 0, R, dtn_ptr, eps)
     bn = _segment_norm(xrow, xs, R, R + N, bn_ptr, eps)
     cn = _segment_norm(xrow, xs, R + N, R + 2 * N, cn_ptr, eps)
-    ds = pd * BD + tl.arange(0, BD)
-    dmask = ds < Di
-    # dt_proj for these channels: W_dt (Di, R) rows ds against the normalised dt, which sits in x_proj
-    # columns [0, R) (dtn is 0 elsewhere)
-    wdt = tl.load(wdt_ptr + ds[:, None] * R + xs[None, :], mask=dmask[:, None] & (xs[None, :] < R),
-                  other=0.0).to(tl.float32)
-    delta = tl.sum(wdt * dtn[None, :], axis=1).to(dt).to(tl.float32)
-    delta += tl.load(dtb_ptr + ds, mask=dmask, other=0.0).to(tl.float32)
+    delta = tl.sum(wdt * dtn[None, :], axis=1).to(dt).to(tl.float32) + dtbias  # dtn is 0 past column R
     delta = _softplus(delta)
-    ns = tl.arange(0, BN)
-    nmask = ns < N
     bvec = tl.sum(tl.where(xs[None, :] == (R + ns)[:, None], bn[None, :], 0.0), axis=1)  # (BN,)
     cvec = tl.sum(tl.where(xs[None, :] == (R + N + ns)[:, None], cn[None, :], 0.0), axis=1)
-    m2 = dmask[:, None] & nmask[None, :]
-    A = -tl.exp(tl.load(alog_ptr + ds[:, None] * N + ns[None, :], mask=m2, other=0.0).to(tl.float32))
-    u = tl.load(u_ptr + b * Di + ds, mask=dmask, other=0.0).to(tl.float32)
-    s_ptrs = state_ptr + b * Di * N + ds[:, None] * N + ns[None, :]
-    h = tl.load(s_ptrs, mask=m2, other=0.0)
     h = tl.exp2(delta[:, None] * A * LOG2E) * h + (delta * u)[:, None] * bvec[None, :]
     tl.store(s_ptrs, h, mask=m2)
-    y = tl.sum(h * cvec[None, :], axis=1) + u * tl.load(dsk_ptr + ds, mask=dmask, other=0.0).to(tl.float32)
-    zz = tl.load(z_ptr + b * Di + ds, mask=dmask, other=0.0).to(tl.float32)
+    y = tl.sum(h * cvec[None, :], axis=1) + u * dskip
     y = y * zz * tl.sigmoid(zz)
     tl.store(y_ptr + b * Di + ds, y.to(dt), mask=dmask)
 
 
 @triton.jit
 def router_kernel(h_ptr, s_hb, nw_ptr, eps, wr_ptr, wsel_ptr, B, H, X,
-                  TOPK: tl.constexpr, BXP: tl.constexpr, BK: tl.constexpr):
+                  TOPK: tl.constexpr, BXP: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):
     """Grid (B,): row b's MoE routing. Softmax over the X router logits of RMSNorm(h[b]), the top-k kept
     without renormalisation (lowest expert index first on ties); wsel[e, b] = that weight, rounded to the
     model dtype as the eager router's, or 0 where e is not among the top k."""
     b = tl.program_id(0)
     dt = h_ptr.dtype.element_ty
     xs = tl.arange(0, BXP)
-    ss = tl.zeros((1,), tl.float32)
-    logits = tl.zeros((BXP,), tl.float32)
-    for k0 in range(0, H, BK):
-        ks = k0 + tl.arange(0, BK)
-        kmask = ks < H
-        x = tl.load(h_ptr + b * s_hb + ks, mask=kmask, other=0.0).to(tl.float32)
-        g = tl.load(nw_ptr + ks, mask=kmask, other=0.0).to(tl.float32)
-        w = tl.load(wr_ptr + xs[:, None] * H + ks[None, :], mask=(xs[:, None] < X) & kmask[None, :], other=0.0)
-        ss += tl.sum(x * x, axis=0)
-        logits += tl.sum(w.to(tl.float32) * (x * g).to(dt).to(tl.float32)[None, :], axis=1)
-    logits = (logits * (1.0 / tl.sqrt(ss / H + eps))).to(dt).to(tl.float32)
+    w0 = _w_tile(wr_ptr, H, 0, X, 0, H, BXP, BK)
+    _after_previous_kernel(PDL)
+    logits = _matmul(h_ptr + b * s_hb, s_hb, nw_ptr, eps, w0, wr_ptr, H, 0, X, 1, H, 1, BXP, BK, True, True, False)
+    logits = tl.sum(logits, axis=0).to(dt).to(tl.float32)  # (1, BXP) -> (BXP,)
     logits = tl.where(xs < X, logits, float("-inf"))
     p = tl.exp(logits - tl.max(logits, axis=0))
     p = p / tl.sum(p, axis=0)
@@ -248,90 +288,85 @@ def router_kernel(h_ptr, s_hb, nw_ptr, eps, wr_ptr, wsel_ptr, B, H, X,
 def ffn_up_kernel(
     h_ptr, s_hb, nw_ptr, eps, wg_ptr, wu_ptr, s_we, act_ptr, wsel_ptr, B, H, F,
     ROUTED: tl.constexpr, BB: tl.constexpr, BF: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
-    DOT: tl.constexpr,
+    DOT: tl.constexpr, PDL: tl.constexpr,
 ):
     """Grid (cdiv(F, BF), X). Expert e = program_id(1) of a MoE (ROUTED: rows with wsel[e, b] != 0, from
     router_kernel) or the dense MLP (X = 1, every row): act[e, b, f-block] = silu(gate_e x) * up_e x with
-    x = RMSNorm(h). An expert no row picked reads no weights."""
+    x = RMSNorm(h). An expert no row picked reads no weights (so a MoE's weights wait for the routing)."""
     pf = tl.program_id(0)
     e = tl.program_id(1)
     rows = tl.arange(0, BB)
     rmask = rows < B
     dt = h_ptr.dtype.element_ty
+    f0 = pf * BF
     if ROUTED:
+        _after_previous_kernel(PDL)
         w = tl.load(wsel_ptr + e * B + rows, mask=rmask, other=0.0)
     else:
         w = tl.where(rmask, 1.0, 0.0)
     if tl.max(tl.abs(w), axis=0) != 0.0:
-        # gate and up rows of this block in one pass over H (the norm as in _norm_matmul)
-        fs = pf * BF + tl.arange(0, BF)
-        fmask = fs < F
-        ss = tl.zeros((BB,), tl.float32)
-        g = tl.zeros((BB, BF), tl.float32)
-        up = tl.zeros((BB, BF), tl.float32)
-        for k0 in range(0, H, BK):
-            ks = k0 + tl.arange(0, BK)
-            kmask = ks < H
-            x = tl.load(h_ptr + rows[:, None] * s_hb + ks[None, :], mask=rmask[:, None] & kmask[None, :],
-                        other=0.0).to(tl.float32)
-            nw = tl.load(nw_ptr + ks, mask=kmask, other=0.0).to(tl.float32)
-            wg = tl.load(wg_ptr + e * s_we + fs[:, None] * H + ks[None, :], mask=fmask[:, None] & kmask[None, :],
-                         other=0.0)
-            wu = tl.load(wu_ptr + e * s_we + fs[:, None] * H + ks[None, :], mask=fmask[:, None] & kmask[None, :],
-                         other=0.0)
-            ss += tl.sum(x * x, axis=1)
-            xw = (x * nw[None, :]).to(dt)
-            g += _mm(xw, wg, IEEE, DOT)
-            up += _mm(xw, wu, IEEE, DOT)
+        # gate and up rows of this block in one pass over H (the norm as in _matmul)
+        wg0 = _w_tile(wg_ptr + e * s_we, H, f0, F, 0, H, BF, BK)
+        wu0 = _w_tile(wu_ptr + e * s_we, H, f0, F, 0, H, BF, BK)
+        if not ROUTED:
+            _after_previous_kernel(PDL)
+        x, ss = _x_tile(h_ptr, s_hb, nw_ptr, B, 0, H, BB, BK, True)
+        g = _mm(x, wg0, IEEE, DOT)
+        up = _mm(x, wu0, IEEE, DOT)
+        for k0 in range(BK, H, BK):
+            x, s = _x_tile(h_ptr, s_hb, nw_ptr, B, k0, H, BB, BK, True)
+            ss += s
+            g += _mm(x, _w_tile(wg_ptr + e * s_we, H, f0, F, k0, H, BF, BK), IEEE, DOT)
+            up += _mm(x, _w_tile(wu_ptr + e * s_we, H, f0, F, k0, H, BF, BK), IEEE, DOT)
         rstd = (1.0 / tl.sqrt(ss / H + eps))[:, None]
         g = (g * rstd).to(dt).to(tl.float32)
         a = (g * tl.sigmoid(g)).to(dt).to(tl.float32) * (up * rstd).to(dt).to(tl.float32)
-        tl.store(act_ptr + e * B * F + rows[:, None] * F + fs[None, :], a.to(dt), mask=rmask[:, None] & fmask[None, :])
+        fs = f0 + tl.arange(0, BF)
+        tl.store(act_ptr + e * B * F + rows[:, None] * F + fs[None, :], a.to(dt), mask=rmask[:, None] & (fs[None, :] < F))
 
 
 @triton.jit
 def down_residual_kernel(
     act_ptr, wd_ptr, s_we, bias_ptr, wsel_ptr, h_ptr, s_hb, B, H, F, X,
     ROUTED: tl.constexpr, HAS_BIAS: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr, BF: tl.constexpr,
-    IEEE: tl.constexpr, DOT: tl.constexpr,
+    IEEE: tl.constexpr, DOT: tl.constexpr, PDL: tl.constexpr,
 ):
     """Grid (cdiv(H, BH),): h[:, block] += the layer output, in place, rounded as the eager layers round.
 
     ROUTED (MoE): out = sum over the experts some row picked (in expert order, each term rounded) of
     wsel[e] * down_e(act[e]), act (X, B, F), down weights (X, H, F). Otherwise one linear layer:
     out = act @ W^T (+ bias) with act (B, F), W (H, F): the MLP's down projection, Mamba's out_proj,
-    attention's o_proj."""
-    hs = tl.program_id(0) * BH + tl.arange(0, BH)
+    attention's o_proj; its first tile is read before the wait on the previous kernel."""
+    h0 = tl.program_id(0) * BH
+    hs = h0 + tl.arange(0, BH)
     hmask = hs < H
     rows = tl.arange(0, BB)
     rmask = rows < B
     dt = h_ptr.dtype.element_ty
-    out = tl.zeros((BB, BH), tl.float32)
-    for e in range(X):
-        if ROUTED:
-            w = tl.load(wsel_ptr + e * B + rows, mask=rmask, other=0.0)
-        else:
-            w = tl.where(rmask, 1.0, 0.0)
-        if tl.max(tl.abs(w), axis=0) != 0.0:
-            acc = tl.zeros((BB, BH), tl.float32)
-            for f0 in range(0, F, BF):
-                fs = f0 + tl.arange(0, BF)
-                a = tl.load(act_ptr + e * B * F + rows[:, None] * F + fs[None, :],
-                            mask=rmask[:, None] & (fs[None, :] < F), other=0.0)
-                wd = tl.load(wd_ptr + e * s_we + hs[:, None] * F + fs[None, :],
-                             mask=hmask[:, None] & (fs[None, :] < F), other=0.0)
-                acc += _mm(a, wd, IEEE, DOT)
-            if HAS_BIAS:
-                acc += tl.load(bias_ptr + hs, mask=hmask, other=0.0).to(tl.float32)[None, :]
-            y = acc.to(dt).to(tl.float32)
-            if ROUTED:
-                y = (y * w[:, None]).to(dt).to(tl.float32)
-                out = (out + y).to(dt).to(tl.float32)
-            else:
-                out = y
     m2 = rmask[:, None] & hmask[None, :]
     hp = h_ptr + rows[:, None] * s_hb + hs[None, :]
-    hv = tl.load(hp, mask=m2, other=0.0).to(tl.float32)
+    out = tl.zeros((BB, BH), tl.float32)
+    if ROUTED:
+        _after_previous_kernel(PDL)
+        hv = tl.load(hp, mask=m2, other=0.0).to(tl.float32)  # the residual, loaded before it is needed
+        for e in range(X):
+            w = tl.load(wsel_ptr + e * B + rows, mask=rmask, other=0.0)
+            if tl.max(tl.abs(w), axis=0) != 0.0:
+                wd = wd_ptr + e * s_we
+                acc = _matmul(act_ptr + e * B * F, F, act_ptr, 0.0, _w_tile(wd, F, h0, H, 0, F, BH, BF), wd, F, h0, H,
+                              B, F, BB, BH, BF, False, IEEE, DOT)
+                if HAS_BIAS:
+                    acc += tl.load(bias_ptr + hs, mask=hmask, other=0.0).to(tl.float32)[None, :]
+                y = (acc.to(dt).to(tl.float32) * w[:, None]).to(dt).to(tl.float32)
+                out = (out + y).to(dt).to(tl.float32)
+    else:
+        w0 = _w_tile(wd_ptr, F, h0, H, 0, F, BH, BF)
+        _after_previous_kernel(PDL)
+        hv = tl.load(hp, mask=m2, other=0.0).to(tl.float32)
+        out = _matmul(act_ptr, F, act_ptr, 0.0, w0, wd_ptr, F, h0, H, B, F, BB, BH, BF, False, IEEE, DOT)
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + hs, mask=hmask, other=0.0).to(tl.float32)[None, :]
+        out = out.to(dt).to(tl.float32)
     tl.store(hp, (hv + out).to(dt), mask=m2)
 
 
@@ -339,10 +374,12 @@ def down_residual_kernel(
 def attn_split_kernel(
     q_ptr, k_ptr, v_ptr, mask_ptr, pos_ptr, acc_ptr, ml_ptr, scale, HKV, G, HD, S_LEN, NS,
     s_kb, s_kh, s_mb, BG: tl.constexpr, BHD: tl.constexpr, BL: tl.constexpr, IEEE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Grid (B * Hkv, NS): split `sp` of the keys of one KV head, positions [sp * S_LEN, (sp + 1) * S_LEN)
     cut at the current position (read on the device: only filled positions are read), for the G query
     heads that share it. Online softmax; writes the unnormalised output (G, hd) and (max, sum) per head."""
+    _after_previous_kernel(PDL)
     bh = tl.program_id(0)
     sp = tl.program_id(1)
     b = (bh // HKV).to(tl.int64)  # b * s_kb passes 2^31 for large caches
@@ -385,8 +422,9 @@ def attn_split_kernel(
 
 @triton.jit
 def attn_combine_kernel(acc_ptr, ml_ptr, out_ptr, HKV, G, HD, NS,
-                        BG: tl.constexpr, BHD: tl.constexpr, BS: tl.constexpr):
+                        BG: tl.constexpr, BHD: tl.constexpr, BS: tl.constexpr, PDL: tl.constexpr):
     """Grid (B * Hkv, G): merge the NS splits' partial softmaxes of one query head -> out (B, Hq * hd)."""
+    _after_previous_kernel(PDL)
     bh = tl.program_id(0)
     g = tl.program_id(1)
     b = bh // HKV

@@ -26,11 +26,11 @@ def _model(dtype=torch.float32, **overrides):
     return model.to(device=DEVICE, dtype=dtype)
 
 
-def _compare(model, batch, steps, rtol, atol, tiles=None):
+def _compare(model, batch, steps, rtol, atol, **options):
     """Teacher-forced steps through both; logits and every cache tensor compared after each step."""
     cfg = model.config
     ref_cache, cache = model.new_cache(batch, steps + 4), model.new_cache(batch, steps + 4)
-    fused = FusedDecodeStep(model, batch, tiles)
+    fused = FusedDecodeStep(model, batch, **options)
     ids = torch.randint(0, cfg.vocab_size, (batch, steps), device=DEVICE)
     with torch.no_grad():
         for t in range(steps):
@@ -100,6 +100,18 @@ def test_fused_step_is_chosen_visibly_and_refused_clearly(monkeypatch):
     step.B = 2
     with pytest.raises(ValueError, match="built for batch 2"):
         step(model, torch.zeros(3, 1, dtype=torch.long), None)
+
+
+def test_programmatic_dependent_launch_is_refused_where_it_cannot_run():
+    model = _model()
+    if CUDA and torch.cuda.get_device_capability()[0] >= 9:
+        assert FusedDecodeStep(model, 1).pdl  # on by default for the GEMV form where the GPU has it
+        assert not FusedDecodeStep(model, GEMV_MAX_ROWS + 1).pdl
+        _compare(model, batch=2, steps=3, rtol=1e-5, atol=1e-5, pdl=True)  # and on request
+    else:
+        assert not FusedDecodeStep(model, 1).pdl
+        with pytest.raises(RuntimeError, match="programmatic dependent launch .* cannot be used: .*(cpu|capability)"):
+            FusedDecodeStep(model, 1, pdl=True)
 
 
 def test_fused_attention_over_splits_and_left_padding_fp32():

@@ -127,9 +127,11 @@ def test_graph_step_as_close_to_fp32_as_the_static_bf16_step(step, batch):
     assert err_compiled <= 2 * err_static + 1e-2 * scale, (err_compiled, err_static, scale)
 
 
-@pytest.mark.parametrize("batch", [1, 3, 16, 64])  # GEMV rows 1 and 4 (3 padded); dot rows 16 and 64
-def test_fused_step_equals_static_step_at_real_size_fp32(batch):
-    """jamba-1b sizes (hidden 1024, 8 experts, d_inner 2048): the kernels' tiling at the sizes benchmarked."""
+@pytest.mark.parametrize("pdl", [True, False])
+@pytest.mark.parametrize("batch", [1, 3, 16, 64])  # the GEMV form (1 row), the tensor-core form
+def test_fused_step_equals_static_step_at_real_size_fp32(batch, pdl):
+    """jamba-1b sizes (hidden 1024, 8 experts, d_inner 2048): the kernels' tiling at the sizes benchmarked,
+    launched with and without programmatic dependent launch."""
     from openjamba.inference import FusedDecodeStep
     from openjamba.inference.step import decode_step
 
@@ -138,7 +140,7 @@ def test_fused_step_equals_static_step_at_real_size_fp32(batch):
     with torch.device("cuda"):
         model = JambaForCausalLM(cfg).eval()
     ref_cache, cache = model.new_cache(batch, 64), model.new_cache(batch, 64)
-    fused = FusedDecodeStep(model, batch)
+    fused = FusedDecodeStep(model, batch, pdl=pdl)
     ids = torch.randint(0, cfg.vocab_size, (batch, 6), device="cuda")
     with torch.no_grad():
         for t in range(6):
