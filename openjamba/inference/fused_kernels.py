@@ -206,6 +206,21 @@ def _segment_norm(x, xs, lo, hi, w_ptr, eps):
 
 
 @triton.jit
+def _dt_proj_rows(wdt_ptr, ds, dmask, xs, R):
+    """W_dt (Di, R) rows ds as a (BD, BX) fp32 tile, 0 past column R."""
+    return tl.load(wdt_ptr + ds[:, None] * R + xs[None, :], mask=dmask[:, None] & (xs[None, :] < R),
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _ssm_row(u_ptr, z_ptr, s_ptrs, b, Di, ds, dmask, m2):
+    """Row b's u and z of channels ds (fp32) and their SSM state (BD, BN)."""
+    u = tl.load(u_ptr + b * Di + ds, mask=dmask, other=0.0).to(tl.float32)
+    zz = tl.load(z_ptr + b * Di + ds, mask=dmask, other=0.0).to(tl.float32)
+    return u, zz, tl.load(s_ptrs, mask=m2, other=0.0)
+
+
+@triton.jit
 def mamba_ssm_kernel(
     xpart_ptr, u_ptr, z_ptr, wdt_ptr, dtb_ptr, alog_ptr, dsk_ptr, dtn_ptr, bn_ptr, cn_ptr, eps,
     state_ptr, y_ptr, B, Di, R, N, NP,
@@ -224,19 +239,17 @@ def mamba_ssm_kernel(
     ns = tl.arange(0, BN)
     nmask = ns < N
     m2 = dmask[:, None] & nmask[None, :]
-    # the weights of these channels first: W_dt (Di, R) rows ds, against the normalised dt that sits in
-    # x_proj columns [0, R); A, D and the dt bias
-    wdt = tl.load(wdt_ptr + ds[:, None] * R + xs[None, :], mask=dmask[:, None] & (xs[None, :] < R),
-                  other=0.0).to(tl.float32)
+    # the weights of these channels first: A, D, the dt bias, and under PDL W_dt (Di, R) rows ds (against
+    # the normalised dt, which sits in x_proj columns [0, R))
+    if PDL:
+        wdt = _dt_proj_rows(wdt_ptr, ds, dmask, xs, R)
     A = -tl.exp(tl.load(alog_ptr + ds[:, None] * N + ns[None, :], mask=m2, other=0.0).to(tl.float32))
     dskip = tl.load(dsk_ptr + ds, mask=dmask, other=0.0).to(tl.float32)
     dtbias = tl.load(dtb_ptr + ds, mask=dmask, other=0.0).to(tl.float32)
     _after_previous_kernel(PDL)
-    # every load of this row is issued before the first is used: their latencies overlap
-    u = tl.load(u_ptr + b * Di + ds, mask=dmask, other=0.0).to(tl.float32)
-    zz = tl.load(z_ptr + b * Di + ds, mask=dmask, other=0.0).to(tl.float32)
     s_ptrs = state_ptr + b * Di * N + ds[:, None] * N + ns[None, :]
-    h = tl.load(s_ptrs, mask=m2, other=0.0)
+    if PDL:  # every load of the row issued before the first is used, their latencies overlapping
+        u, zz, h = _ssm_row(u_ptr, z_ptr, s_ptrs, b, Di, ds, dmask, m2)
     xrow = tl.zeros((BX,), tl.float32)
     for p0 in range(0, NP, BP):  # BP partials at a time
         ps = p0 + tl.arange(0, BP)
@@ -247,6 +260,9 @@ def mamba_ssm_kernel(
     dtn = _segment_norm(xrow, xs, 0, R, dtn_ptr, eps)
     bn = _segment_norm(xrow, xs, R, R + N, bn_ptr, eps)
     cn = _segment_norm(xrow, xs, R + N, R + 2 * N, cn_ptr, eps)
+    if not PDL:  # (the same loads late: fewer registers held for the dot form's wider channel blocks)
+        wdt = _dt_proj_rows(wdt_ptr, ds, dmask, xs, R)
+        u, zz, h = _ssm_row(u_ptr, z_ptr, s_ptrs, b, Di, ds, dmask, m2)
     delta = tl.sum(wdt * dtn[None, :], axis=1).to(dt).to(tl.float32) + dtbias  # dtn is 0 past column R
     delta = _softplus(delta)
     bvec = tl.sum(tl.where(xs[None, :] == (R + ns)[:, None], bn[None, :], 0.0), axis=1)  # (BN,)
