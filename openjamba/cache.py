@@ -42,10 +42,13 @@ class HybridCache:
         for i in config.mamba_layer_ids:
             self.conv[i] = torch.zeros(batch_size, K - 1, Di, device=device, dtype=dtype)
             self.ssm[i] = torch.zeros(batch_size, Di, N, device=device, dtype=torch.float32)
-        self.key_mask = torch.ones(batch_size, max_length, device=device, dtype=torch.bool)
+        # which key positions are real tokens, and their indices for the static step's mask: 9 bytes per
+        # position, allocated only where attention layers read keys
+        keys = max_length if config.attention_layer_ids else 0
+        self.key_mask = torch.ones(batch_size, keys, device=device, dtype=torch.bool)
         self.has_padding = False
         self.pos = torch.zeros(1, device=device, dtype=torch.long)  # device mirror of `length`
-        self.positions = torch.arange(max_length, device=device)  # (max_length,) for the static mask
+        self.positions = torch.arange(keys, device=device)  # (max_length,) for the static mask
 
     def check_room(self, new_tokens: int) -> None:
         if self.length + new_tokens > self.max_length:
@@ -62,13 +65,13 @@ class HybridCache:
         return self.key[layer_idx][:, :, :end], self.value[layer_idx][:, :, :end]
 
     def record_mask(self, mask, T: int):
-        """Store the (B, T) mask of the new tokens; return the (B, length+T) key mask or None if no padding."""
-        if mask is not None:
-            self.key_mask[:, self.length:self.length + T] = mask
-            if not bool(mask.all()):
-                self.has_padding = True
-        else:
-            self.key_mask[:, self.length:self.length + T] = True
+        """Store the (B, T) mask of the new tokens; return the (B, length+T) key mask or None if no padding
+        (always None without attention layers: nothing reads keys)."""
+        if mask is not None and not bool(mask.all()):
+            self.has_padding = True
+        if self.key_mask.shape[1] == 0:
+            return None
+        self.key_mask[:, self.length:self.length + T] = mask if mask is not None else True
         return self.key_mask[:, :self.length + T] if self.has_padding else None
 
     def advance(self, T: int) -> None:

@@ -107,7 +107,7 @@ def plan_memory(config, dtype=torch.bfloat16, batch: int = 1, context: int = 204
     weights = config.param_counts()["total"] * nb if weights_resident else 0
     kv = config.kv_cache_bytes(context, batch, nb)
     mamba = config.mamba_state_bytes(batch, nb)
-    key_mask = batch * context + context * 8  # HybridCache.key_mask (bool) and positions (int64)
+    key_mask = batch * context + context * 8 if has_attn else 0  # HybridCache.key_mask (bool), positions (int64)
 
     C = min(chunk_size, context)
     tok = batch * C  # tokens in one prefill chunk

@@ -42,6 +42,30 @@ def test_chunked_prefill_then_decode_matches_full_forward(mode, chunk):
     assert gen.cache.length == ids.shape[1] and int(gen.cache.pos) == ids.shape[1]
 
 
+def test_pure_mamba_model_keeps_no_per_position_cache_and_decodes_left_padded_rows():
+    """Without attention layers nothing reads keys: the cache holds the conv and SSM states only (no mask
+    or position index per cached position, and the planner counts none), and padded rows still decode as
+    the full forward."""
+    from openjamba.inference.planner import plan_memory
+
+    model = _model(attn_layer_period=5, attn_layer_offset=4)  # 4 layers: no attention layer
+    assert model.config.attention_layer_ids == []
+    ids, mask = _left_padded()
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask).logits
+    for mode in ("eager", "static"):
+        gen = Generator(model, 3, 4096, mode=mode, chunk_size=8)
+        assert gen.cache.key_mask.numel() == 0 and gen.cache.positions.numel() == 0
+        last = gen.prefill(ids[:, :20], mask[:, :20])
+        torch.testing.assert_close(last, full[:, 19], rtol=1e-4, atol=1e-4)
+        for t in range(20, ids.shape[1]):
+            torch.testing.assert_close(gen.decode_one_token(ids[:, t]), full[:, t], rtol=1e-4, atol=1e-4)
+    assert plan_memory(model.config, torch.float32, 3, 4096).detail["key_mask"] == 0
+    cache = _model().new_cache(3, 4096)  # a hybrid keeps them, and the planner counts them exactly
+    assert plan_memory(_model().config, torch.float32, 3, 4096).detail["key_mask"] == \
+        cache.key_mask.numel() * cache.key_mask.element_size() + cache.positions.numel() * 8 == 3 * 4096 + 4096 * 8
+
+
 def test_left_padded_rows_match_rows_alone():
     model = _model()
     ids, mask = _left_padded()
