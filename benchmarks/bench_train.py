@@ -9,6 +9,7 @@ backward, gradient-norm clipping, fused AdamW), on random tokens. Variants:
     eager       bf16 weights (as the transformers + mamba-ssm figure in the anchors was measured)
     compile     the same with torch.compile per decoder layer
     autocast    fp32 master weights under bf16 autocast (what `openjamba train` uses on GPUs by default)
+    compile-autocast  the same with torch.compile per decoder layer
     ac          eager with activation checkpointing
 MFU = tokens/s x (6 x active params + 12 x attention layers x hidden x seq) / peak, against the H200's
 989 TFLOP/s dense bf16 datasheet peak and the 792 TFLOP/s measured by an 8192^3 matmul. Reference:
@@ -42,6 +43,7 @@ VARIANTS = {
     "eager": dict(precision="bf16"),
     "compile": dict(precision="bf16", compile=True),
     "autocast": dict(precision="autocast"),
+    "compile-autocast": dict(precision="autocast", compile=True),
     "ac": dict(precision="bf16", activation_checkpointing=True),
 }
 
