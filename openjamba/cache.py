@@ -3,7 +3,8 @@
 Attention layers keep K and V for up to `max_length` positions, (B, Hkv, max_length, hd), written in place;
 Mamba layers keep a conv state (B, K-1, Di) of the last conv inputs and an SSM state (B, Di, N) in fp32,
 updated in place. Nothing grows with torch.cat, so the buffers' addresses never change.
-`key_mask` (B, max_length) records which cached positions are real tokens (False = left padding).
+`key_mask` (B, max_length) records which cached positions are real tokens (False = left padding); a model
+without attention layers reads no keys and keeps it (and `positions`) empty, (B, 0).
 
 Two ways to advance it:
 - eager: `length` is a python int; any number of new tokens is written at [length, length + T).
@@ -48,7 +49,7 @@ class HybridCache:
         self.key_mask = torch.ones(batch_size, keys, device=device, dtype=torch.bool)
         self.has_padding = False
         self.pos = torch.zeros(1, device=device, dtype=torch.long)  # device mirror of `length`
-        self.positions = torch.arange(keys, device=device)  # (max_length,) for the static mask
+        self.positions = torch.arange(keys, device=device)  # (max_length,) or (0,), for the static mask
 
     def check_room(self, new_tokens: int) -> None:
         if self.length + new_tokens > self.max_length:

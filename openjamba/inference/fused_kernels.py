@@ -320,6 +320,8 @@ def ffn_up_kernel(
         w = tl.load(wsel_ptr + e * B + rows, mask=rmask, other=0.0)
     else:
         w = tl.where(rmask, 1.0, 0.0)
+    # not ROUTED: always true (B >= 1), so every program reaches its wait below; the PDL chain needs every
+    # program of every kernel to wait before it reads or writes activations
     if tl.max(tl.abs(w), axis=0) != 0.0:
         # gate and up rows of this block in one pass over H (the norm as in _matmul)
         wg0 = _w_tile(wg_ptr + e * s_we, H, f0, F, 0, H, BF, BK)
