@@ -83,20 +83,13 @@ class Attention(nn.Module):
         a single-query fused kernel would give each (batch, head) one thread block. Returns (B, 1, H).
         """
         B = x.shape[0]
-        q = self.q_proj(x)
+        G = self.n_heads // self.n_kv
+        q = self.q_proj(x).view(B, self.n_kv, G, self.head_dim)  # (B, Hkv, G, hd): query heads grouped per KV head
         k = self.k_proj(x).view(B, 1, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, 1, hd)
         v = self.v_proj(x).view(B, 1, self.n_kv, self.head_dim).transpose(1, 2)
-        out = self.attend_static(q, k, v, cache)  # (B, Hkv, G, hd)
-        return self.o_proj(out.reshape(B, 1, self.n_heads * self.head_dim))
-
-    def attend_static(self, q, k, v, cache):
-        """The attention of `forward_static` from projected q (B, ..., Hq * hd) and k, v (B, Hkv, 1, hd):
-        writes k, v at `cache.pos` and returns the attention output (B, Hkv, G, hd), G = Hq / Hkv."""
-        B = q.shape[0]
-        G = self.n_heads // self.n_kv
-        q = q.reshape(B, self.n_kv, G, self.head_dim)  # query heads grouped per KV head
         keys, values = cache.write_kv_at_pos(self.layer_idx, k, v)  # (B, Hkv, L, hd)
         scores = torch.matmul(q, keys.transpose(-1, -2)).float() * self.head_dim ** -0.5  # (B, Hkv, G, L)
         allowed = cache.static_key_mask()[:, None, None, :]  # (B, 1, 1, L)
         probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).to(values.dtype)
-        return torch.matmul(probs, values)  # (B, Hkv, G, hd)
+        out = torch.matmul(probs, values)  # (B, Hkv, G, hd)
+        return self.o_proj(out.reshape(B, 1, self.n_heads * self.head_dim))
