@@ -73,10 +73,10 @@ def time_scan(fn, shape, rep=200):
 
 def scan_section(sweep):
     rows, sweep_rows = [], []
-    # ((BLOCK_T, BLOCK_D, warps) forward, (BLOCK_T, BLOCK_D, warps) backward, sequence chunks);
-    # None = the built-in table and chunking heuristic
-    configs = [None] + ([((8, 64, 4), (4, 32, 4), 1), ((8, 32, 2), (4, 32, 4), None),
-                         ((8, 32, 2), (4, 16, 2), 1)] if sweep else [])
+    # ((BLOCK_T, BLOCK_D, warps[, maxnreg]) forward, (BLOCK_T, BLOCK_D, warps[, maxnreg]) backward,
+    # sequence chunks); None = the built-in table and chunking heuristic
+    configs = [None] + ([((8, 32, 2), (4, 16, 2), 1), ((8, 8, 1), (4, 16, 1), 1), ((4, 16, 1), (4, 8, 1, 128), 1),
+                         ((8, 16, 1, 128), (4, 8, 1), None)] if sweep else [])
     for shape, (a_f, a_fb) in ANCHORS.items():
         b, D, L, N = shape
         best = None
@@ -272,7 +272,7 @@ def markdown(res):
         lines.append(f"| {r['shape_BDLN']} | {r['fwd_ms']:.3f} | {r['anchor_fwd_ms']} | {r['ratio_fwd_vs_anchor']:.2f} | "
                      f"{r['fwdbwd_ms']:.3f} | {r['anchor_fwdbwd_ms']} | {r['ratio_fwdbwd_vs_anchor']:.2f} | "
                      f"{r['fwd_GBps']:.0f} | {ref} | {r['fwd_config']} | {r['config']} |")
-    lines += ["", "config: ((BLOCK_T, BLOCK_D, warps) forward, same backward, sequence chunks (None: heuristic)); the fastest of the sweep for each column."]
+    lines += ["", "config: ((BLOCK_T, BLOCK_D, warps[, maxnreg]) forward, same backward, sequence chunks (None: heuristic)); the fastest of the sweep for each column."]
     for key in ("decode", "conv", "mamba_layer", "moe"):
         if res.get(key) is None:
             lines += ["", f"{key}: failed ({res.get(key + '_error')})"]

@@ -100,14 +100,17 @@ def test_scan_non_contiguous_inputs(device):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("b,L,D,N", [(2, 1000, 200, 16), (1, 63, 1536, 16), (1, 1, 64, 16), (1, 300, 96, 256)])
+@pytest.mark.parametrize("b,L,D,N", [(2, 1000, 200, 16), (1, 63, 1536, 16), (1, 1, 64, 16), (1, 300, 96, 256),
+                                     (4, 70, 2112, 16)])  # the last: a grid large enough for the wider backward tile
 def test_scan_gpu(b, L, D, N, dtype):
     check(b, L, D, N, dtype, "cuda")
 
 
-@pytest.mark.parametrize("cfg", [((8, 4, 2), (8, 8, 1)), ((8, 8, 4), (2, 4, 2)), ((4, 16, 4), (4, 16, 4))])
+@pytest.mark.parametrize("cfg", [((8, 4, 2), (8, 8, 1)), ((8, 8, 4), (2, 4, 2)), ((4, 16, 4), (4, 16, 4)),
+                                 ((8, 4, 2, 128), (4, 8, 2, 96))])
 def test_scan_tile_configs(cfg, device, monkeypatch):
-    """Other tilings, including backward blocks shorter than the forward ones (states saved mid-block)."""
+    """Other tilings, including backward blocks shorter than the forward ones (states saved mid-block)
+    and register caps (maxnreg: spills on the GPU)."""
     monkeypatch.setattr(importlib.import_module("openjamba.ops.selective_scan.triton"), "CONFIG_OVERRIDE", cfg)
     check(2, 27, 6, 4, torch.float32, device)
 

@@ -24,27 +24,42 @@ from ._kernels import scan_bwd_kernel, scan_fwd_kernel
 # the hardware flush-to-zero exp2 (inline PTX) on GPUs; the interpreter runs plain tl.exp2
 _FAST_EXP = os.environ.get("TRITON_INTERPRET") != "1"
 
-# (BLOCK_T, BLOCK_D, num_warps) of the forward and of the backward instead of the table below; the
-# benchmark sweeps it. The backward BLOCK_T must divide the forward one: the forward saves the state
-# every backward-BLOCK_T steps, where the backward restarts.
-CONFIG_OVERRIDE: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None
+# (BLOCK_T, BLOCK_D, num_warps[, maxnreg]) of the forward and of the backward instead of the table
+# below; the benchmark sweeps it. The backward BLOCK_T must divide the forward one: the forward saves
+# the state every backward-BLOCK_T steps, where the backward restarts. maxnreg caps the registers per
+# thread (more programs per SM, at the price of spills); None leaves the choice to the compiler.
+CONFIG_OVERRIDE: tuple[tuple[int, ...], tuple[int, ...]] | None = None
 
 
-def _config(N: int, D: int, backward: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_T, BLOCK_D, BLOCK_N, num_warps): the register tile is BLOCK_T x BLOCK_N x BLOCK_D fp32."""
+def _config(N: int, D: int, backward: bool, batch: int = 1, device=None) -> tuple[int, int, int, int, int | None]:
+    """(BLOCK_T, BLOCK_D, BLOCK_N, num_warps, maxnreg): the register tile is BLOCK_T x BLOCK_N x BLOCK_D
+    fp32."""
     import triton
 
     BN = max(triton.next_power_of_2(N), 2)
+    maxnreg = None
     if CONFIG_OVERRIDE is not None:
-        bt, bd, warps = CONFIG_OVERRIDE[1 if backward else 0]
-    elif backward:  # 8 fp32 of each tile per thread (the backward keeps many tiles alive); fastest on H200
-        bt, warps = 4, 2
-        bd = max(2, 1024 // (bt * BN))
-    else:  # 32 fp32 of each tile per thread; fastest forward on H200 at N = 16
-        bt, warps = 8, 2
-        bd = max(2, 4096 // (bt * BN))
-    bd = min(bd, max(triton.next_power_of_2(D), 2))
-    return bt, bd, BN, warps
+        bt, bd, warps, *rest = CONFIG_OVERRIDE[1 if backward else 0]
+        maxnreg = rest[0] if rest else None
+        bd = min(bd, max(triton.next_power_of_2(D), 2))
+    else:
+        # One warp per program where the tile allows it: the reductions over states then stay inside
+        # the warp (no shared memory, no barriers). Per thread: 64 fp32 of each forward tile, 16 of
+        # each backward tile (the backward keeps many tiles alive). Fastest on the H200 at N = 16:
+        # forward (8, 16, 1 warp), backward (4, 8, 1 warp), or (4, 16, 1 warp) where the grid still
+        # has 4+ programs per SM (benchmarks/KERNEL_NOTES.md).
+        bt, per_warp = (4, 512) if backward else (8, 2048)
+        if backward and device is not None and device.type == "cuda" and BN <= 16:
+            sms = torch.cuda.get_device_properties(device).multi_processor_count
+            if batch * triton.cdiv(D, 16) >= 4 * sms:
+                per_warp = 1024
+        bd = min(max(2, per_warp // (bt * BN)), max(triton.next_power_of_2(D), 2))
+        warps = min(8, max(1, bt * BN * bd // per_warp))
+    return bt, bd, BN, warps, maxnreg
+
+
+def _launch_options(warps: int, maxnreg: int | None) -> dict:
+    return {"num_warps": warps} if maxnreg is None else {"num_warps": warps, "maxnreg": maxnreg}
 
 
 # number of sequence chunks to use instead of the heuristic (tests set it to cover the chunked path)
@@ -77,7 +92,7 @@ class _SelectiveScanFn(torch.autograd.Function):
         A = A.contiguous()
         batch, L, D = u.shape
         N = A.shape[1]
-        BT, BD, BN, warps = _config(N, D, backward=False)
+        BT, BD, BN, warps, maxnreg = _config(N, D, backward=False)
         save_t = _config(N, D, backward=True)[0]
         assert BT % save_t == 0, "the backward BLOCK_T must divide the forward one"
         n_blocks = triton_cdiv(L, BT)
@@ -103,7 +118,7 @@ class _SelectiveScanFn(torch.autograd.Function):
                 B.stride(0), B.stride(1), C.stride(0), C.stride(1), y.stride(0), y.stride(1),
                 HAS_D=D_skip is not None, HAS_Z=z is not None and pass_ != 1, HAS_BIAS=delta_bias is not None,
                 SOFTPLUS=bool(delta_softplus), HAS_H0=h0 is not None, SAVE=save and pass_ != 1, SAVE_T=save_t,
-                FAST=_FAST_EXP, PASS=pass_, BLOCK_T=BT, BLOCK_D=BD, BLOCK_N=BN, N=N, num_warps=warps,
+                FAST=_FAST_EXP, PASS=pass_, BLOCK_T=BT, BLOCK_D=BD, BLOCK_N=BN, N=N, **_launch_options(warps, maxnreg),
             )
 
         if n_chunks == 1:
@@ -130,7 +145,7 @@ class _SelectiveScanFn(torch.autograd.Function):
         u, delta, A, B, C, D_skip, z, delta_bias, hsave = ctx.saved_tensors
         batch, L, D = u.shape
         N = A.shape[1]
-        BT, BD, BN, warps = _config(N, D, backward=True)
+        BT, BD, BN, warps, maxnreg = _config(N, D, backward=True, batch=batch, device=u.device)
         n_pd = triton_cdiv(D, BD)
         dev = u.device
         dy = dy.contiguous() if dy is not None else torch.zeros_like(u)
@@ -154,7 +169,7 @@ class _SelectiveScanFn(torch.autograd.Function):
             B.stride(0), B.stride(1), C.stride(0), C.stride(1), du.stride(0), du.stride(1),
             HAS_D=D_skip is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
             SOFTPLUS=ctx.softplus, HAS_DHLAST=dhlast is not None,
-            FAST=_FAST_EXP, BLOCK_T=BT, BLOCK_D=BD, BLOCK_N=BN, N=N, num_warps=warps,
+            FAST=_FAST_EXP, BLOCK_T=BT, BLOCK_D=BD, BLOCK_N=BN, N=N, **_launch_options(warps, maxnreg),
         )
         dB = dBp.sum(1).to(B.dtype)
         dC = dCp.sum(1).to(C.dtype)
