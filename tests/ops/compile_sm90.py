@@ -21,7 +21,7 @@ from triton.compiler import ASTSource
 
 POINTER = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.int64: "*i64",
            torch.int32: "*i32", torch.bool: "*i1"}
-OPTIONS = ("num_warps", "num_stages", "launch_pdl")
+OPTIONS = ("num_warps", "num_stages", "launch_pdl", "maxnreg")
 launches = []
 
 
@@ -110,7 +110,7 @@ def run_wrappers() -> None:
 
 def main() -> int:
     record("openjamba.ops.selective_scan.triton", "scan_fwd_kernel", "scan_bwd_kernel")
-    record("openjamba.ops.causal_conv1d.triton", "_conv_fwd_kernel", "_conv_dx_kernel", "_conv_update_kernel")
+    record("openjamba.ops.causal_conv1d.triton", "_conv_fwd_kernel", "_conv_bwd_kernel", "_conv_update_kernel")
     record("openjamba.ops.selective_state_update.triton", "_ssu_kernel")
     record("openjamba.inference.fused_kernels", "norm_linear_kernel", "mamba_in_kernel", "mamba_ssm_kernel",
            "router_kernel", "ffn_up_kernel", "down_residual_kernel", "attn_split_kernel", "attn_combine_kernel")

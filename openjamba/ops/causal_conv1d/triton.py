@@ -5,9 +5,9 @@
     causal_conv1d_update_triton: one token x (B, D); conv_state (B, K-1, D) shifted in place -> y (B, D)
 
 Channel-last tiles (BLOCK_T steps x BLOCK_D channels) keep every load coalesced; the K taps are K
-shifted loads of the same tile (L1/L2 hits). The backward recomputes the pre-activation, writes
-dpre = dy * silu'(pre) once (fp32), and a second kernel forms dx and d(initial_state) from it; weight
-and bias gradients are reduced per tile and summed by the caller. The final state is the last K-1
+shifted loads of the same tile (L1/L2 hits). The backward is one kernel: each tile recomputes the
+pre-activations of the K rows that reach it (shifted loads again), forms dx (in x's dtype) and
+d(initial_state) directly, and reduces the weight and bias gradients per tile (summed by the caller). The final state is the last K-1
 inputs, taken with torch slicing so autograd differentiates it for free.
 """
 
@@ -33,11 +33,9 @@ def _tap(x_ptr, init_ptr, b, r, offs_d, mask_d, L, D, K1, s_xb, s_xl, HAS_INIT: 
 
 
 @triton.jit
-def _conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, init_ptr, y_ptr, dpre_ptr, dy_ptr, dw_ptr, db_ptr,
-                     L, D, s_xb, s_xl, s_yb, s_yl,
+def _conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, init_ptr, y_ptr, L, D, s_xb, s_xl, s_yb, s_yl,
                      K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, SILU: tl.constexpr,
-                     BACKWARD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Forward (y) or, with BACKWARD, dpre and per-tile weight/bias gradients."""
+                     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_t = tl.program_id(0)
     pid_d = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -52,47 +50,60 @@ def _conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, init_ptr, y_ptr, dpre_ptr, dy_ptr, 
         w = tl.load(w_ptr + offs_d * K + k, mask=mask_d, other=0.0).to(tl.float32)
         acc += w[None, :] * _tap(x_ptr, init_ptr, b, offs_t + (k - (K - 1)), offs_d, mask_d, L, D, K - 1,
                                  s_xb, s_xl, HAS_INIT)
-    if not BACKWARD:
-        y = acc
-        if SILU:
-            y = acc * tl.sigmoid(acc)
-        tl.store(y_ptr + b * s_yb + offs_t[:, None] * s_yl + offs_d[None, :], y, mask=m2)
-    else:
-        g = tl.load(dy_ptr + b * s_yb + offs_t[:, None] * s_yl + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
-        if SILU:
-            s = tl.sigmoid(acc)
-            g = g * s * (1.0 + acc * (1.0 - s))
-        g = tl.where(m2, g, 0.0)
-        tl.store(dpre_ptr + b * s_yb + offs_t[:, None] * s_yl + offs_d[None, :], g, mask=m2)
-        part = (b * tl.num_programs(0) + pid_t) * D + offs_d
-        for k in tl.static_range(K):
-            xk = _tap(x_ptr, init_ptr, b, offs_t + (k - (K - 1)), offs_d, mask_d, L, D, K - 1,
-                      s_xb, s_xl, HAS_INIT)
-            tl.store(dw_ptr + part * K + k, tl.sum(g * xk, axis=0), mask=mask_d)
-        if HAS_BIAS:
-            tl.store(db_ptr + part, tl.sum(g, axis=0), mask=mask_d)
+    y = acc
+    if SILU:
+        y = acc * tl.sigmoid(acc)
+    tl.store(y_ptr + b * s_yb + offs_t[:, None] * s_yl + offs_d[None, :], y, mask=m2)
 
 
 @triton.jit
-def _conv_dx_kernel(dpre_ptr, w_ptr, dxp_ptr, L, D, s_gb, s_gl,
-                    K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """d(padded input) at rows j of [initial_state ; x]: sum_k w_k * dpre_{j-k}."""
+def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, init_ptr, dy_ptr, dx_ptr, dinit_ptr, dw_ptr, db_ptr,
+                     L, D, s_xb, s_xl, s_gb, s_gl, s_ob, s_ol,
+                     K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, SILU: tl.constexpr,
+                     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One pass: d(padded input) rows j of [initial_state ; x] (x-row s = j - (K-1)) and per-tile
+    weight/bias gradients. d(input)_s = sum_m w_{K-1-m} dpre_{s+m}; the K dpre rows it needs are
+    recomputed from shifted loads of x and dy (L1/L2 hits) instead of going through memory."""
     pid_t = tl.program_id(0)
     pid_d = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    offs_j = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    s_rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T) - (K - 1)  # x-rows, the first K-1 in the initial state
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
-    LP = L + K - 1
-    acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    dxa = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    dpre0 = dxa
+    for m in tl.static_range(K):
+        r = s_rows + m  # rows whose dpre reaches s through tap K-1-m
+        pre = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32) + bias[None, :]
+        for j in tl.static_range(K):
+            w = tl.load(w_ptr + offs_d * K + j, mask=mask_d, other=0.0).to(tl.float32)
+            pre += w[None, :] * _tap(x_ptr, init_ptr, b, r + (j - (K - 1)), offs_d, mask_d, L, D, K - 1,
+                                     s_xb, s_xl, HAS_INIT)
+        mr = ((r >= 0) & (r < L))[:, None] & mask_d[None, :]
+        g = tl.load(dy_ptr + b * s_gb + r[:, None] * s_gl + offs_d[None, :], mask=mr, other=0.0).to(tl.float32)
+        if SILU:
+            sg = tl.sigmoid(pre)
+            g = g * sg * (1.0 + pre * (1.0 - sg))
+        g = tl.where(mr, g, 0.0)
+        w = tl.load(w_ptr + offs_d * K + (K - 1 - m), mask=mask_d, other=0.0).to(tl.float32)
+        dxa += w[None, :] * g
+        if m == 0:
+            dpre0 = g
+    mx = ((s_rows >= 0) & (s_rows < L))[:, None] & mask_d[None, :]
+    tl.store(dx_ptr + b * s_ob + s_rows[:, None] * s_ol + offs_d[None, :], dxa, mask=mx)
+    if HAS_INIT:
+        mi = (s_rows < 0)[:, None] & mask_d[None, :]
+        tl.store(dinit_ptr + (b * (K - 1) + (s_rows + K - 1)[:, None]) * D + offs_d[None, :], dxa, mask=mi)
+    # weight and bias gradients over this tile's x-rows (dpre0 is zero outside [0, L))
+    part = (b * tl.num_programs(0) + pid_t) * D + offs_d
     for k in tl.static_range(K):
-        r = offs_j - k
-        m = ((r >= 0) & (r < L))[:, None] & mask_d[None, :]
-        g = tl.load(dpre_ptr + b * s_gb + r[:, None] * s_gl + offs_d[None, :], mask=m, other=0.0)
-        w = tl.load(w_ptr + offs_d * K + k, mask=mask_d, other=0.0).to(tl.float32)
-        acc += w[None, :] * g
-    mo = (offs_j < LP)[:, None] & mask_d[None, :]
-    tl.store(dxp_ptr + (b * LP + offs_j[:, None]) * D + offs_d[None, :], acc, mask=mo)
+        xk = _tap(x_ptr, init_ptr, b, s_rows + (k - (K - 1)), offs_d, mask_d, L, D, K - 1, s_xb, s_xl, HAS_INIT)
+        tl.store(dw_ptr + part * K + k, tl.sum(dpre0 * xk, axis=0), mask=mask_d)
+    if HAS_BIAS:
+        tl.store(db_ptr + part, tl.sum(dpre0, axis=0), mask=mask_d)
 
 
 def _blocks(L, D):
@@ -111,9 +122,9 @@ class _CausalConvFn(torch.autograd.Function):
         BT, BD = _blocks(L, D)
         grid = (triton.cdiv(L, BT), triton.cdiv(D, BD), batch)
         _conv_fwd_kernel[grid](x, weight, bias if bias is not None else weight, init if init is not None else x,
-                               y, y, y, y, y, L, D, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+                               y, L, D, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
                                K=K, HAS_BIAS=bias is not None, HAS_INIT=init is not None, SILU=silu,
-                               BACKWARD=False, BLOCK_T=BT, BLOCK_D=BD, num_warps=4)
+                               BLOCK_T=BT, BLOCK_D=BD, num_warps=4)
         ctx.save_for_backward(x, weight, bias, init)
         ctx.silu = silu
         ctx.init_dtype = initial_state.dtype if initial_state is not None else None
@@ -126,21 +137,18 @@ class _CausalConvFn(torch.autograd.Function):
         K = weight.shape[1]
         dy = dy.contiguous()
         BT, BD = _blocks(L, D)
-        nT = triton.cdiv(L, BT)
-        dpre = torch.empty(batch, L, D, device=x.device, dtype=torch.float32)
+        LP = L + K - 1  # rows of [initial_state ; x]
+        nT = triton.cdiv(LP, BT)
+        dx = torch.empty(batch, L, D, device=x.device, dtype=x.dtype)
+        dinit = torch.empty(batch, K - 1, D, device=x.device, dtype=torch.float32) if init is not None else None
         dw = torch.empty(batch, nT, D, K, device=x.device, dtype=torch.float32)
         db = torch.empty(batch, nT, D, device=x.device, dtype=torch.float32)
-        _conv_fwd_kernel[(nT, triton.cdiv(D, BD), batch)](
-            x, weight, bias if bias is not None else weight, init if init is not None else x,
-            dpre, dpre, dy, dw, db, L, D, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
-            K=K, HAS_BIAS=bias is not None, HAS_INIT=init is not None, SILU=ctx.silu,
-            BACKWARD=True, BLOCK_T=BT, BLOCK_D=BD, num_warps=8)
-        LP = L + K - 1
-        dxp = torch.empty(batch, LP, D, device=x.device, dtype=torch.float32)
-        _conv_dx_kernel[(triton.cdiv(LP, BT), triton.cdiv(D, BD), batch)](
-            dpre, weight, dxp, L, D, dpre.stride(0), dpre.stride(1), K=K, BLOCK_T=BT, BLOCK_D=BD, num_warps=4)
-        dx = dxp[:, K - 1:].to(x.dtype)
-        dinit = dxp[:, :K - 1].to(ctx.init_dtype) if init is not None else None
+        _conv_bwd_kernel[(nT, triton.cdiv(D, BD), batch)](
+            x, weight, bias if bias is not None else weight, init if init is not None else x, dy, dx,
+            dinit if dinit is not None else dw, dw, db, L, D, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
+            dx.stride(0), dx.stride(1), K=K, HAS_BIAS=bias is not None, HAS_INIT=init is not None, SILU=ctx.silu,
+            BLOCK_T=BT, BLOCK_D=BD, num_warps=4)
+        dinit = dinit.to(ctx.init_dtype) if dinit is not None else None
         dbias = db.sum((0, 1)).to(bias.dtype) if bias is not None else None
         return dx, dw.sum((0, 1)).to(weight.dtype), dbias, dinit, None
 
