@@ -80,7 +80,9 @@ def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, init_ptr, dy_ptr, dx_ptr, dinit_ptr
         pre = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32) + bias[None, :]
         for j in tl.static_range(K):
             w = tl.load(w_ptr + offs_d * K + j, mask=mask_d, other=0.0).to(tl.float32)
-            pre += w[None, :] * _tap(x_ptr, init_ptr, b, r + (j - (K - 1)), offs_d, mask_d, L, D, K - 1,
+            # the same row offset m + j - (K - 1) for every (m, j) pair with equal sum: the compiler
+            # merges those loads (2K - 1 distinct x tiles, not K * K)
+            pre += w[None, :] * _tap(x_ptr, init_ptr, b, s_rows + (m + j - (K - 1)), offs_d, mask_d, L, D, K - 1,
                                      s_xb, s_xl, HAS_INIT)
         mr = ((r >= 0) & (r < L))[:, None] & mask_d[None, :]
         g = tl.load(dy_ptr + b * s_gb + r[:, None] * s_gl + offs_d[None, :], mask=mr, other=0.0).to(tl.float32)
@@ -110,6 +112,11 @@ def _blocks(L, D):
     return min(32, max(triton.next_power_of_2(L), 8)), min(64, max(triton.next_power_of_2(D), 8))
 
 
+def _bwd_config(L, D) -> tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_D, num_warps) of the backward kernel."""
+    return (*_blocks(L, D), 4)
+
+
 class _CausalConvFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, initial_state, silu):
@@ -136,7 +143,7 @@ class _CausalConvFn(torch.autograd.Function):
         batch, L, D = x.shape
         K = weight.shape[1]
         dy = dy.contiguous()
-        BT, BD = _blocks(L, D)
+        BT, BD, warps = _bwd_config(L, D)
         LP = L + K - 1  # rows of [initial_state ; x]
         nT = triton.cdiv(LP, BT)
         dx = torch.empty(batch, L, D, device=x.device, dtype=x.dtype)
@@ -147,7 +154,7 @@ class _CausalConvFn(torch.autograd.Function):
             x, weight, bias if bias is not None else weight, init if init is not None else x, dy, dx,
             dinit if dinit is not None else dw, dw, db, L, D, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
             dx.stride(0), dx.stride(1), K=K, HAS_BIAS=bias is not None, HAS_INIT=init is not None, SILU=ctx.silu,
-            BLOCK_T=BT, BLOCK_D=BD, num_warps=4)
+            BLOCK_T=BT, BLOCK_D=BD, num_warps=warps)
         dinit = dinit.to(ctx.init_dtype) if dinit is not None else None
         dbias = db.sum((0, 1)).to(bias.dtype) if bias is not None else None
         return dx, dw.sum((0, 1)).to(weight.dtype), dbias, dinit, None
