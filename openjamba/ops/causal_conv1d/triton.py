@@ -7,8 +7,8 @@
 Channel-last tiles (BLOCK_T steps x BLOCK_D channels) keep every load coalesced; the K taps are K
 shifted loads of the same tile (L1/L2 hits). The backward is one kernel: each tile recomputes the
 pre-activations of the K rows that reach it (shifted loads again), forms dx (in x's dtype) and
-d(initial_state) directly, and reduces the weight and bias gradients per tile (summed by the caller). The final state is the last K-1
-inputs, taken with torch slicing so autograd differentiates it for free.
+d(initial_state) directly, and reduces the weight and bias gradients per tile (summed by the caller).
+The final state is the last K-1 inputs, taken with torch slicing so autograd differentiates it for free.
 """
 
 from __future__ import annotations
