@@ -5,8 +5,9 @@
 Selective scan forward and forward+backward at the (B, D, L, N) shapes of the mamba-ssm anchors (bf16
 inputs, our channel-last layout), against the PyTorch reference measured in the same run and the anchor
 figures; decode step of a jamba-1b Mamba layer (hidden 1024, D=2048, N=16, K=4) at batch 1 and 64;
-causal conv1d; the MoE layer against a dense GEMM of the same active FLOPs. Times are medians of
-triton.testing.do_bench. --sweep also times several scan tile configurations.
+causal conv1d; the MoE layer against a dense GEMM of the same active FLOPs; the fused cross-entropy of a
+jamba-1b training step against F.cross_entropy on fp32 logits. Times are medians of triton.testing.do_bench.
+--sweep also times several scan tile configurations and cross-entropy vocabulary tiles.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from triton.testing import do_bench
 
 from openjamba.ops.causal_conv1d.reference import causal_conv1d_ref
 from openjamba.ops.causal_conv1d.triton import causal_conv1d_triton, causal_conv1d_update_triton
+from openjamba.ops.cross_entropy import triton as ce_mod
 from openjamba.ops.moe.grouped import moe_experts_grouped
 from openjamba.ops.selective_scan import triton as scan_mod
 from openjamba.ops.selective_scan.reference import selective_scan_chunked
@@ -262,6 +264,48 @@ def moe_section():
     return row
 
 
+def ce_section(sweep):
+    """Loss of a jamba-1b training step: 8 x 2048 tokens, vocabulary 32768, bf16 logits. The fused op reads
+    the logits once forward and once backward and writes their gradient; F.cross_entropy on logits.float()
+    (the trainer's loss before the fused op) also makes an fp32 copy, a log-softmax and their gradients."""
+    T, V = 16384, 32768
+    logits = torch.randn(T, V, device=DEV, dtype=torch.bfloat16).requires_grad_()
+    t = torch.randint(0, V, (T,), device=DEV)
+    fns = (("triton", lambda: ce_mod.cross_entropy_triton(logits, t)),
+           ("ref", lambda: F.cross_entropy(logits.float(), t)))
+    row = dict(T=T, V=V)
+    for name, fn in fns:
+        with torch.no_grad():
+            row[f"{name}_fwd_ms"] = bench(fn)
+        row[f"{name}_fwdbwd_ms"] = bench(lambda: fn().backward(), grad_to_none=[logits])
+        # memory beyond the logits and their gradient, at the peak of a forward+backward
+        logits.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn().backward()
+        torch.cuda.synchronize()
+        row[f"{name}_extra_GB"] = (torch.cuda.max_memory_allocated() - base - logits.numel() * 2) / 1e9
+        logits.grad = None
+    io = T * V * 2
+    row.update(fwd_GBps=io / row["triton_fwd_ms"] / 1e6, fwdbwd_GBps=3 * io / row["triton_fwdbwd_ms"] / 1e6,
+               speedup_fwd=row["ref_fwd_ms"] / row["triton_fwd_ms"],
+               speedup_fwdbwd=row["ref_fwdbwd_ms"] / row["triton_fwdbwd_ms"], block_v="default", sweep=[])
+    for bv in ((2048, 8192, 16384) if sweep else ()):
+        ce_mod.BLOCK_V_OVERRIDE = bv
+        try:
+            with torch.no_grad():
+                f = bench(fns[0][1], rep=100)
+            fb = bench(lambda: fns[0][1]().backward(), grad_to_none=[logits], rep=100)
+            row["sweep"].append(dict(block_v=bv, fwd_ms=f, fwdbwd_ms=fb))
+            print(f"cross-entropy BLOCK_V={bv}: fwd {f:.3f} ms  fwd+bwd {fb:.3f} ms", flush=True)
+        except Exception as e:  # a tile too large for registers: report and go on
+            print(f"cross-entropy BLOCK_V={bv}: failed {type(e).__name__}: {str(e)[:120]}", flush=True)
+    ce_mod.BLOCK_V_OVERRIDE = None
+    print(row, flush=True)
+    return row
+
+
 def markdown(res):
     lines = [f"# Kernel benchmarks on {res['device']} (torch {res['torch']}, triton {res['triton']})", "",
              "## Selective scan, bf16, channel-last (B, L, D); mamba-ssm anchor figures from shared/anchors.md", "",
@@ -273,7 +317,7 @@ def markdown(res):
                      f"{r['fwdbwd_ms']:.3f} | {r['anchor_fwdbwd_ms']} | {r['ratio_fwdbwd_vs_anchor']:.2f} | "
                      f"{r['fwd_GBps']:.0f} | {ref} | {r['fwd_config']} | {r['config']} |")
     lines += ["", "config: ((BLOCK_T, BLOCK_D, warps[, maxnreg]) forward, same backward, sequence chunks (None: heuristic)); the fastest of the sweep for each column."]
-    for key in ("decode", "conv", "mamba_layer", "moe"):
+    for key in ("decode", "conv", "mamba_layer", "moe", "cross_entropy"):
         if res.get(key) is None:
             lines += ["", f"{key}: failed ({res.get(key + '_error')})"]
     lines += ["", "## Decode step, jamba-1b Mamba layer (CUDA graph), and the state-update kernel alone", "",
@@ -290,6 +334,18 @@ def markdown(res):
         lines += ["", f"## jamba-1b Mamba mixer (projections, conv, scan), batch {r['batch']} x {r['L']} tokens, bf16",
                   "", f"forward {r['fwd_ms']:.2f} ms, forward+backward {r['fwdbwd_ms']:.2f} ms "
                   f"(projection FLOPs alone would run at {r['proj_TFLOPs_fwdbwd']:.0f} TFLOP/s over that time)"]
+    c = res.get("cross_entropy")
+    if c is not None:
+        lines += ["", f"## Cross-entropy, {c['T']} tokens x {c['V']} vocabulary, bf16 logits (fused vs "
+                  "F.cross_entropy(logits.float(), t))", "",
+                  "| | fused ms | GB/s | F.cross_entropy ms | speedup | extra memory fused / F.cross_entropy |",
+                  "|---|---|---|---|---|---|",
+                  f"| fwd | {c['triton_fwd_ms']:.3f} | {c['fwd_GBps']:.0f} | {c['ref_fwd_ms']:.3f} | "
+                  f"{c['speedup_fwd']:.1f}x | |",
+                  f"| fwd+bwd | {c['triton_fwdbwd_ms']:.3f} | {c['fwdbwd_GBps']:.0f} | {c['ref_fwdbwd_ms']:.3f} | "
+                  f"{c['speedup_fwdbwd']:.1f}x | {c['triton_extra_GB']:.2f} GB / {c['ref_extra_GB']:.2f} GB |"]
+        for r in c["sweep"]:
+            lines.append(f"| BLOCK_V={r['block_v']} fwd / fwd+bwd | {r['fwd_ms']:.3f} / {r['fwdbwd_ms']:.3f} | | | | |")
     m = res["moe"]
     if m is None:
         return "\n".join(lines) + "\n"
@@ -318,7 +374,7 @@ def main():
     res["scan"], res["scan_sweep"] = scan_section(args.sweep)
     save()
     for key, fn in (("decode", decode_section), ("conv", conv_section), ("mamba_layer", mamba_layer_section),
-                    ("moe", moe_section)):
+                    ("moe", moe_section), ("cross_entropy", lambda: ce_section(args.sweep))):
         try:
             res[key] = fn()
         except Exception as e:  # keep the other sections' numbers; the table says what failed

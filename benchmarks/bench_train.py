@@ -5,12 +5,16 @@
     python benchmarks/bench_train.py --preset jamba-tiny --batch 2 --seq 64 --steps 2 --device cpu   # smoke test
 
 A step is exactly what `openjamba train` does per optimizer step (forward, cross-entropy + router aux loss,
-backward, gradient-norm clipping, fused AdamW), on random tokens. Variants:
+backward, gradient-norm clipping, fused AdamW skipped on the device when the loss is not finite, the
+loss read on the host one step later), on random tokens; steps run back to back and the mean is
+reported. Variants:
     eager       bf16 weights (as the transformers + mamba-ssm figure in the anchors was measured)
     compile     the same with torch.compile per decoder layer
     autocast    fp32 master weights under bf16 autocast (what `openjamba train` uses on GPUs by default)
     compile-autocast  the same with torch.compile per decoder layer
     ac          eager with activation checkpointing
+    graph, compile-graph   eager / compile with the step's forward + backward + clipping replayed as one
+                CUDA graph (train.cuda_graph; the first steps run eagerly, then the step is captured)
 MFU = tokens/s x (6 x active params + 12 x attention layers x hidden x seq) / peak, against the H200's
 989 TFLOP/s dense bf16 datasheet peak and the 792 TFLOP/s measured by an 8192^3 matmul. Reference:
 transformers JambaForCausalLM + mamba-ssm, same config and shapes: 79.7K tokens/s, 34.6 GB peak.
@@ -36,7 +40,7 @@ from openjamba.train.config import TrainConfig
 from openjamba.train.metrics import H200_BF16_MEASURED, H200_BF16_PEAK, flops_per_token
 from openjamba.train.optim import build_optimizer
 from openjamba.train.distributed import DistInfo
-from openjamba.train.trainer import forward_backward, grad_norm_and_clip, prepare_model
+from openjamba.train.trainer import StepRunner, prepare_model
 
 BASELINE_TOKENS_PER_S = 79.7e3  # transformers + mamba-ssm kernels, same H200 (anchors)
 VARIANTS = {
@@ -44,6 +48,8 @@ VARIANTS = {
     "compile": dict(precision="bf16", compile=True),
     "autocast": dict(precision="autocast"),
     "compile-autocast": dict(precision="autocast", compile=True),
+    "graph": dict(precision="bf16", cuda_graph=True),
+    "compile-graph": dict(precision="bf16", compile=True, cuda_graph=True),
     "ac": dict(precision="bf16", activation_checkpointing=True),
 }
 
@@ -53,6 +59,7 @@ def run_variant(name: str, args, device: torch.device) -> dict:
     cfg = TrainConfig()
     cfg.train.precision = spec["precision"] if device.type == "cuda" else "fp32"
     cfg.train.compile = spec.get("compile", False)
+    cfg.train.cuda_graph = spec.get("cuda_graph", False)
     cfg.train.activation_checkpointing = spec.get("activation_checkpointing", False)
     cfg.data.seq_len, cfg.data.batch_size = args.seq, args.batch
     torch.manual_seed(0)
@@ -69,43 +76,54 @@ def run_variant(name: str, args, device: torch.device) -> dict:
         torch.cuda.reset_peak_memory_stats()
         batch = batch.pin_memory()
 
-    def step():
-        loss = forward_backward(model, [batch], config, cfg, cfg.train.precision, device)
-        grad_norm_and_clip(model, 1.0, dist)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
+    runner = StepRunner(model, optimizer, config, cfg, cfg.train.precision, dist)
+    pending = []
 
-    def sync():
+    def step():
+        """One step as the trainer runs it; in deferred mode the previous step's loss is read meanwhile."""
+        launched = runner.launch([batch], cfg.optim.lr)
+        while pending:
+            runner.finish(pending.pop())
+        if runner.deferred:
+            pending.append(launched)
+        else:
+            runner.finish(launched)
+
+    def drain():
+        while pending:
+            runner.finish(pending.pop())
         if device.type == "cuda":
             torch.cuda.synchronize()
 
     start = time.perf_counter()
-    for _ in range(args.warmup):  # includes compilation for the compile variant
+    for _ in range(args.warmup):  # includes compilation (and the graph capture) where the variant has them
         step()
-    sync()
+    drain()
     warmup_s = time.perf_counter() - start
-    times = []
-    deadline = time.perf_counter() + args.max_seconds
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        loss = step()
-        sync()
-        times.append(time.perf_counter() - t0)
+    # steps back to back, as in training: the host may run ahead of the GPU by a step
+    n = 0
+    t0 = time.perf_counter()
+    deadline = t0 + args.max_seconds
+    while n < args.steps:
+        step()
+        n += 1
         if time.perf_counter() > deadline:
             break
-    times.sort()
-    median = times[len(times) // 2]
-    profile = profile_kernels(step, args.profile) if args.profile and device.type == "cuda" else None
+    drain()
+    step_s = (time.perf_counter() - t0) / n
+    loss = runner.finish(runner.launch([batch], cfg.optim.lr))[0]
+    drain()
+    profile = profile_kernels(lambda: (step(), drain()), args.profile) if args.profile and device.type == "cuda" \
+        else None
     tokens = args.batch * args.seq
-    tps = tokens / median
+    tps = tokens / step_s
     fpt = flops_per_token(config, args.seq)
     result = {
         "variant": name, "precision": cfg.train.precision, "compile": cfg.train.compile,
         "fused_adamw": bool(optimizer.defaults.get("fused")),
         "activation_checkpointing": cfg.train.activation_checkpointing,
-        "steps_timed": len(times), "warmup_s": round(warmup_s, 2), "step_ms_median": median * 1e3,
-        "step_ms_min": times[0] * 1e3, "tokens_per_s": tps, "loss": float(loss),
+        "steps_timed": n, "warmup_s": round(warmup_s, 2), "step_ms": step_s * 1e3, "deferred_check": runner.deferred,
+        "tokens_per_s": tps, "loss": float(loss),
         "mfu_vs_989": tps * fpt / H200_BF16_PEAK, "mfu_vs_792": tps * fpt / H200_BF16_MEASURED,
         "vs_transformers_mamba_ssm": tps / BASELINE_TOKENS_PER_S,
         "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None,
@@ -120,7 +138,7 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default="jamba-1b")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=2048)
-    p.add_argument("--steps", type=int, default=10, help="timed steps per variant (median reported)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per variant, run back to back (mean reported)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--max-seconds", type=float, default=120, help="stop timing a variant after this long")
     p.add_argument("--variants", default="eager", help=f"comma-separated: {', '.join(VARIANTS)}")
@@ -152,7 +170,7 @@ def main(argv=None) -> int:
             print(f"  {name:<9} failed: {r['error']}")
         else:
             mem = f"{r['peak_mem_gb']:.1f} GB" if r["peak_mem_gb"] is not None else "-"
-            print(f"  {name:<9} {r['tokens_per_s'] / 1e3:8.1f}K tokens/s  {r['step_ms_median']:8.1f} ms/step  "
+            print(f"  {name:<9} {r['tokens_per_s'] / 1e3:8.1f}K tokens/s  {r['step_ms']:8.1f} ms/step  "
                   f"MFU {100 * r['mfu_vs_989']:5.1f}% of 989 / {100 * r['mfu_vs_792']:5.1f}% of 792  "
                   f"{r['vs_transformers_mamba_ssm']:5.2f}x transformers+mamba-ssm  peak {mem}")
             if "profile" in r:

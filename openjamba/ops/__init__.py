@@ -14,6 +14,7 @@ import logging
 import os
 
 from .causal_conv1d.reference import causal_conv1d_ref, causal_conv1d_update_ref
+from .cross_entropy.reference import cross_entropy_ref
 from .moe.reference import moe_experts_ref
 from .selective_scan.reference import selective_scan_chunked, selective_scan_ref
 from .selective_state_update.reference import selective_state_update_ref
@@ -31,6 +32,7 @@ _OPS = {
     "causal_conv1d_update": (causal_conv1d_update_ref,
                              "openjamba.ops.causal_conv1d.triton:causal_conv1d_update_triton"),
     "moe_experts": (moe_experts_ref, "openjamba.ops.moe.grouped:moe_experts_grouped"),
+    "cross_entropy": (cross_entropy_ref, "openjamba.ops.cross_entropy.triton:cross_entropy_triton"),
 }
 
 _backend = None
@@ -134,13 +136,33 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation="silu"):
 
 
 def moe_experts(x_TH, top_w_TK, top_idx_TK, w_gate_up_XFH, w_down_XHF):
-    fn, _ = resolve("moe_experts", x_TH.is_cuda)
+    import torch
+
+    # torch's CUDA grouped GEMM is built for bf16; other dtypes take the per-expert loop (chosen visibly)
+    on_cuda = x_TH.is_cuda
+    if on_cuda and x_TH.dtype != torch.bfloat16 and os.environ.get("TRITON_INTERPRET") != "1":
+        if get_backend() == "triton":
+            raise BackendUnavailable(f"ops backend 'triton': the CUDA grouped GEMM of moe_experts needs bf16 "
+                                     f"inputs, got {x_TH.dtype}")
+        on_cuda = False
+        if ("moe_experts", str(x_TH.dtype)) not in _logged and not _compiling():
+            _logged.add(("moe_experts", str(x_TH.dtype)))
+            logger.info("openjamba op moe_experts: reference backend for %s on CUDA (grouped GEMM needs bf16)",
+                        x_TH.dtype)
+    fn, _ = resolve("moe_experts", on_cuda)
     return fn(x_TH, top_w_TK, top_idx_TK, w_gate_up_XFH, w_down_XHF)
+
+
+def cross_entropy(logits, targets, ignore_index=-100):
+    """Mean fp32 cross-entropy of (T, V) logits against (T,) targets over the rows that are not ignore_index.
+    See ops/cross_entropy/reference.py."""
+    fn, _ = resolve("cross_entropy", logits.is_cuda)
+    return fn(logits, targets, ignore_index)
 
 
 __all__ = [
     "BACKENDS", "BackendUnavailable", "set_backend", "get_backend", "resolve",
     "selective_scan", "selective_state_update", "causal_conv1d", "causal_conv1d_update", "moe_experts",
-    "selective_scan_ref", "selective_scan_chunked", "selective_state_update_ref", "causal_conv1d_ref",
-    "causal_conv1d_update_ref", "moe_experts_ref",
+    "cross_entropy", "selective_scan_ref", "selective_scan_chunked", "selective_state_update_ref",
+    "causal_conv1d_ref", "causal_conv1d_update_ref", "moe_experts_ref", "cross_entropy_ref",
 ]

@@ -72,11 +72,17 @@ class TrainSection:
     max_steps: int = 1000
     max_seconds: float = 0.0  # stop (with a final checkpoint) after this much wall time; 0 = no limit
     seed: int = 0
+    # torch's deterministic algorithms (bit-reproducible GPU runs; slower: e.g. the selective-scan
+    # backward then sums dB/dC per channel block instead of by atomic adds)
+    deterministic: bool = False
     device: str = "auto"  # "auto" = cuda if available else cpu
     # "auto" (bf16 autocast on CUDA, fp32 on CPU), "autocast", "bf16", "fp32"; under FSDP2, "autocast" and
     # "bf16" gather parameters in bf16 and reduce gradients in fp32
     precision: str = "auto"
     compile: bool = False
+    # one CUDA graph for each step's forward + backward + gradient clipping, replayed (single GPU only):
+    # no per-kernel launch cost; the first steps run eagerly (warm-up), then the step is captured
+    cuda_graph: bool = False
     activation_checkpointing: bool = False
     fsdp: bool = True  # used when launched with torchrun (world size > 1)
     expert_parallel: int = 1  # ranks per expert-parallel group

@@ -39,8 +39,11 @@ class Probes:
     """
 
     def __init__(self, model: nn.Module):
+        # Accumulators are created by the first training forward and then only updated in place, so a
+        # step captured in a CUDA graph keeps updating them when it is replayed (hooks do not run then).
         self.counts: dict[int, torch.Tensor] = {}
         self.max_act: torch.Tensor | None = None
+        self.fresh = True  # nothing accumulated since the last read
         layers = getattr(getattr(model, "model", None), "layers", None)
         self.handles = [layer.register_forward_hook(self._hook(i)) for i, layer in enumerate(layers or [])]
 
@@ -51,27 +54,36 @@ class Probes:
             # a decoder layer returns (hidden states, (router probs (BT, X), top-k ids (BT, K)) or None)
             h, stats = output if isinstance(output, tuple) else (output, None)
             m = h.detach().abs().amax().float()
-            self.max_act = m if self.max_act is None else torch.maximum(self.max_act, m)
+            if self.max_act is None:
+                self.max_act = torch.zeros((), device=m.device, dtype=torch.float32)
+            torch.maximum(self.max_act, m, out=self.max_act)
             if stats is not None:
                 probs, idx = stats
                 idx = idx.detach().reshape(-1)
+                if i not in self.counts:
+                    self.counts[i] = torch.zeros(probs.shape[-1], device=idx.device, dtype=torch.float32)
                 # scatter_add keeps a static shape (bincount's would depend on the data), compile-friendly.
-                c = torch.zeros(probs.shape[-1], device=idx.device, dtype=torch.float32)
-                c.scatter_add_(0, idx, torch.ones_like(idx, dtype=torch.float32))
-                self.counts[i] = c if i not in self.counts else self.counts[i] + c
+                self.counts[i].scatter_add_(0, idx, torch.ones_like(idx, dtype=torch.float32))
+            self.fresh = False
         return hook
 
-    def read(self) -> dict[str, float]:
+    def read(self, stepped: bool = False) -> dict[str, float]:
         """expert_load_max / expert_load_min: the largest and smallest fraction of assignments any expert got
-        in any MoE layer (uniform = 1 / num_experts); max_activation: largest |h| since the last read."""
+        in any MoE layer (uniform = 1 / num_experts); max_activation: largest |h| since the last read.
+        `stepped`: training forwards ran since the last read without the hooks (replayed CUDA graphs)."""
         out = {}
+        if self.fresh and not stepped:
+            return out
         if self.counts:
             fractions = torch.stack([c / c.sum().clamp(min=1) for c in self.counts.values()])
             out["expert_load_max"] = float(fractions.max())
             out["expert_load_min"] = float(fractions.min())
+            for c in self.counts.values():
+                c.zero_()
         if self.max_act is not None:
             out["max_activation"] = float(self.max_act)
-        self.counts, self.max_act = {}, None
+            self.max_act.zero_()
+        self.fresh = True
         return out
 
     def remove(self) -> None:

@@ -18,8 +18,8 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from .. import ops
 from ..config import JambaConfig
 from ..model import JambaForCausalLM
 from . import checkpointing as ckpt
@@ -113,7 +113,8 @@ def lm_loss(model, batch: torch.Tensor, router_aux_coef: float, activation_loss_
     """(total loss, cross-entropy) for a (B, T + 1) batch: inputs batch[:, :-1], targets batch[:, 1:]."""
     out = model(batch[:, :-1], activation_loss_coef=activation_loss_coef)
     logits = out.logits
-    ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+    # fused on CUDA (no fp32 copy of the logits, no log-softmax tensor); F.cross_entropy on logits.float() elsewhere
+    ce = ops.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
     loss = ce
     if out.aux_loss is not None and router_aux_coef:
         loss = loss + router_aux_coef * out.aux_loss
@@ -145,6 +146,141 @@ def grad_norm_and_clip(model, max_norm: float, dist) -> torch.Tensor:
         return distributed.clip_grad_norm_(model, limit, dist)
     params = [p for p in model.parameters() if p.grad is not None]
     return torch.nn.utils.clip_grad_norm_(params, limit)
+
+
+class GraphedStep:
+    """forward_backward + grad_norm_and_clip captured once as a CUDA graph and replayed every step.
+
+    Each replay runs the ~2000 kernels of a step without the Python and launch cost of issuing them;
+    the inputs are copied into static device buffers first, and the gradients, loss and norm live at
+    fixed addresses in the graph's memory pool. The gradients are overwritten (not accumulated) by each
+    replay, because they are None when the step is captured, so they must never be set to None
+    afterwards. The optimizer step stays outside the graph: the loss is checked on the host before the
+    update is applied (NaN policy) and the learning rate changes every step.
+    """
+
+    def __init__(self, model, config: JambaConfig, cfg: TrainConfig, precision: str, dist):
+        if dist.device.type != "cuda":
+            raise ValueError("train.cuda_graph needs a CUDA device")
+        if dist.world_size > 1:
+            raise ValueError("train.cuda_graph is for single-GPU runs (FSDP2 and expert parallelism "
+                             "communicate with the host in every step)")
+        if precision == "fp32" and config.num_experts > 1:
+            raise ValueError("train.cuda_graph with MoE layers needs train.precision \"bf16\" or \"autocast\": "
+                             "in fp32 the experts run a per-expert loop that reads the routing on the host")
+        self.model, self.config, self.cfg, self.precision, self.dist = model, config, cfg, precision, dist
+        self.graph = None
+        self.static: list[torch.Tensor] = []
+        self.check = None
+        self.side = torch.cuda.Stream(dist.device)
+
+    @property
+    def captured(self) -> bool:
+        return self.graph is not None
+
+    def eager(self, batches: list[torch.Tensor]) -> torch.Tensor:
+        """One uncaptured step (a warm-up before the capture), on a side stream as CUDA graphs require;
+        returns stack(loss, grad norm)."""
+        self.side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.side):
+            loss = forward_backward(self.model, batches, self.config, self.cfg, self.precision, self.dist.device)
+            norm = grad_norm_and_clip(self.model, self.cfg.optim.grad_clip, self.dist)
+            check = torch.stack([loss.float(), norm.float()])
+        torch.cuda.current_stream().wait_stream(self.side)
+        return check
+
+    def capture(self, batches: list[torch.Tensor]) -> None:
+        for p in self.model.parameters():
+            p.grad = None
+        self.static = [b.to(self.dist.device) for b in batches]
+        torch.cuda.synchronize(self.dist.device)
+        torch.cuda.empty_cache()  # the warm-up steps' cached blocks would sit beside the graph's own pool
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            loss = forward_backward(self.model, self.static, self.config, self.cfg, self.precision, self.dist.device)
+            norm = grad_norm_and_clip(self.model, self.cfg.optim.grad_clip, self.dist)
+            self.check = torch.stack([loss.float(), norm.float()])
+
+    def replay(self, batches: list[torch.Tensor]) -> torch.Tensor:
+        for dst, src in zip(self.static, batches):
+            dst.copy_(src, non_blocking=True)
+        self.graph.replay()
+        return self.check
+
+
+# eager steps before a training step is captured as a CUDA graph (compilation, allocator and autotuning
+# warm-up happen in them; they are ordinary training steps)
+GRAPH_WARMUP_STEPS = 2
+
+
+class StepRunner:
+    """One optimizer step as `openjamba train` runs it: forward + backward over the micro-batches,
+    gradient-norm clipping, then the AdamW update unless the loss or the norm is not finite.
+
+    Where the optimizer can skip an update on the device (fused AdamW, one process on CUDA: its
+    `found_inf` input), the update is launched at once, guarded, and the loss and norm travel to the
+    host in the background ("deferred"): the host reads them one step later, so it never waits for
+    the GPU to drain and keeps the next step's kernels queued. Elsewhere the host reads them first
+    and applies or skips the update itself. Either way a non-finite step changes no weights.
+    """
+
+    def __init__(self, model, optimizer, config: JambaConfig, cfg: TrainConfig, precision: str, dist):
+        self.model, self.optimizer, self.config, self.cfg, self.precision, self.dist = (
+            model, optimizer, config, cfg, precision, dist)
+        self.graphed = GraphedStep(model, config, cfg, precision, dist) if cfg.train.cuda_graph else None
+        self.eager_steps = 0
+        self.deferred = (dist.device.type == "cuda" and dist.world_size == 1
+                         and bool(optimizer.defaults.get("fused")))
+
+    def _forward_backward(self, batches: list[torch.Tensor]) -> torch.Tensor:
+        """stack(loss, grad norm) on the device."""
+        g = self.graphed
+        if g is not None:
+            if self.eager_steps < GRAPH_WARMUP_STEPS:
+                self.eager_steps += 1
+                return g.eager(batches)
+            if not g.captured:
+                g.capture(batches)
+            return g.replay(batches)
+        loss = forward_backward(self.model, batches, self.config, self.cfg, self.precision, self.dist.device)
+        norm = grad_norm_and_clip(self.model, self.cfg.optim.grad_clip, self.dist)
+        check = torch.stack([loss.float(), norm.float().to(loss.device)])
+        if self.dist.world_size > 1:
+            check = distributed.all_reduce_mean(check, self.dist)
+        return check
+
+    def _update(self, lr: float) -> None:
+        set_lr(self.optimizer, lr)
+        self.optimizer.step()
+        if self.graphed is None or not self.graphed.captured:  # a replay overwrites the captured gradients
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def launch(self, batches: list[torch.Tensor], lr: float) -> dict:
+        """Queue one step; `finish` it (now or, when deferred, after launching the next)."""
+        check = self._forward_backward(batches)
+        if not self.deferred:
+            return {"check": check, "lr": lr}
+        self.optimizer.found_inf = (~torch.isfinite(check).all()).float()
+        self._update(lr)
+        host = torch.empty(2, dtype=torch.float32, pin_memory=True)
+        host.copy_(check, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return {"host": host, "done": done, "lr": lr}
+
+    def finish(self, launched: dict) -> tuple[float, float, bool]:
+        """(loss, grad norm, whether the update was applied) of a launched step."""
+        if "done" in launched:
+            launched["done"].synchronize()
+            loss_v, norm_v = launched["host"].tolist()
+            return loss_v, norm_v, math.isfinite(loss_v) and math.isfinite(norm_v)
+        loss_v, norm_v = launched["check"].tolist()  # the step's one host sync
+        finite = math.isfinite(loss_v) and math.isfinite(norm_v)
+        if finite:
+            self._update(launched["lr"])
+        elif self.graphed is None or not self.graphed.captured:
+            self.optimizer.zero_grad(set_to_none=True)
+        return loss_v, norm_v, finite
 
 
 @torch.no_grad()
@@ -202,6 +338,18 @@ def sample_text(model, tokenizer_path: str, prompt: str, max_new_tokens: int, se
 # ---------------------------------------------------------------------------------------------- loop
 def train(cfg: TrainConfig, resume: bool = False, model: JambaForCausalLM | None = None) -> dict:
     """Train as `cfg` says; returns a summary (steps, losses, paths). `model` replaces the built one."""
+    if not cfg.train.deterministic:
+        return _train(cfg, resume, model)
+    prev = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's condition for reproducibility
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        return _train(cfg, resume, model)
+    finally:
+        torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
+
+
+def _train(cfg: TrainConfig, resume: bool, model: JambaForCausalLM | None) -> dict:
     cfg.validate()
     dist = init_dist(cfg)
     out_dir = cfg.train.out_dir
@@ -270,40 +418,48 @@ def train(cfg: TrainConfig, resume: bool = False, model: JambaForCausalLM | None
     val_losses = []
     consecutive_skips = 0
     stop_reason = "max_steps" if step < cfg.train.max_steps else "already at max_steps"
+    runner = StepRunner(model, optimizer, config, cfg, precision, dist)
+    pending = None  # a launched step whose loss has not been read yet (deferred mode)
+    loss_v = norm_v = lr = float("nan")
+
+    def settle(launched: dict) -> None:
+        """Read a launched step's loss; apply the NaN policy (its update was applied only if finite)."""
+        nonlocal consecutive_skips, skipped_total, first_loss, last_loss, loss_v, norm_v, lr
+        loss_v, norm_v, applied = runner.finish(launched)
+        lr = launched["lr"]
+        if not applied:
+            message = f"non-finite loss at step {launched['step']}: loss={loss_v}, grad_norm={norm_v}"
+            if cfg.train.nan_policy == "stop" or consecutive_skips + 1 > cfg.train.nan_max_skips:
+                raise NonFiniteLossError(
+                    f"{message}; stopping. The last checkpoint is intact ({manager.latest()}); lower optim.lr, "
+                    "or set train.nan_policy=\"skip\" to skip such updates.")
+            consecutive_skips += 1
+            skipped_total += 1
+            if dist.is_main:
+                print(f"warning: {message}; update skipped ({consecutive_skips} in a row)", file=sys.stderr)
+        else:
+            consecutive_skips = 0
+            first_loss = loss_v if first_loss is None else first_loss
+            last_loss = loss_v
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_v:.4f}", lr=f"{lr:.2e}")
+
     try:
         while step < cfg.train.max_steps:
             batches = [loader.next_batch() for _ in range(cfg.data.grad_accum)]
-            loss = forward_backward(model, batches, config, cfg, precision, dist.device)
-            norm = grad_norm_and_clip(model, cfg.optim.grad_clip, dist)
-            check = torch.stack([loss.float(), norm.float().to(loss.device)])
-            if dist.world_size > 1:
-                check = distributed.all_reduce_mean(check, dist)
-            loss_v, norm_v = check.tolist()  # the step's one host sync
-            lr = lr_at(step, cfg.optim.lr, cfg.optim.warmup_steps, cfg.train.max_steps, cfg.optim.min_lr_ratio)
-            if not (math.isfinite(loss_v) and math.isfinite(norm_v)):
-                message = f"non-finite loss at step {step + 1}: loss={loss_v}, grad_norm={norm_v}"
-                if cfg.train.nan_policy == "stop" or consecutive_skips + 1 > cfg.train.nan_max_skips:
-                    raise NonFiniteLossError(
-                        f"{message}; stopping. The last checkpoint is intact ({manager.latest()}); lower optim.lr, "
-                        "or set train.nan_policy=\"skip\" to skip such updates.")
-                consecutive_skips += 1
-                skipped_total += 1
-                optimizer.zero_grad(set_to_none=True)
-                if dist.is_main:
-                    print(f"warning: {message}; update skipped ({consecutive_skips} in a row)", file=sys.stderr)
-            else:
-                consecutive_skips = 0
-                set_lr(optimizer, lr)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                first_loss = loss_v if first_loss is None else first_loss
-                last_loss = loss_v
+            if dist.device.type == "cuda":
+                batches = [b.pin_memory() for b in batches]  # copied to the GPU without a host wait
+            launched = runner.launch(batches,
+                                     lr_at(step, cfg.optim.lr, cfg.optim.warmup_steps, cfg.train.max_steps,
+                                           cfg.optim.min_lr_ratio))
+            launched["step"] = step + 1
+            if pending is not None:  # the previous step, read while this one runs
+                settle(pending)
+            pending = launched
             step += 1
             tokens += tokens_per_step
             window_steps += 1
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_v:.4f}", lr=f"{lr:.2e}")
 
             last = step == cfg.train.max_steps
             out_of_time = cfg.train.max_seconds > 0 and time.perf_counter() - start_time > cfg.train.max_seconds
@@ -312,12 +468,19 @@ def train(cfg: TrainConfig, resume: bool = False, model: JambaForCausalLM | None
                 out_of_time = float(distributed.all_reduce_mean(flag, dist)) > 0
             if out_of_time:
                 stop_reason, last = "max_seconds", True
-            if step % cfg.log.interval == 0 or last:
+            log_now = step % cfg.log.interval == 0 or last
+            eval_now = has_val and ((cfg.eval.interval and step % cfg.eval.interval == 0) or last)
+            save_now = (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or last
+            if not runner.deferred or log_now or eval_now or save_now:
+                settle(pending)  # this step's outcome is needed (or there is nothing to overlap)
+                pending = None
+            if log_now:
                 elapsed = time.perf_counter() - window_time
                 tps = window_steps * tokens_per_step / max(elapsed, 1e-9)
                 record = {"step": step, "split": "train", "loss": loss_v, "lr": lr, "grad_norm": norm_v,
                           "tokens": tokens, "tokens_per_s": tps, "skipped": skipped_total,
-                          "elapsed_s": time.perf_counter() - start_time, **probes.read()}
+                          "elapsed_s": time.perf_counter() - start_time,
+                          **probes.read(stepped=runner.graphed is not None and runner.graphed.captured)}
                 if dist.device.type == "cuda":
                     record["mfu"] = mfu(tps / dist.world_size, config, cfg.data.seq_len)
                     record["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
@@ -325,13 +488,13 @@ def train(cfg: TrainConfig, resume: bool = False, model: JambaForCausalLM | None
                 window_time, window_steps = time.perf_counter(), 0
 
             paused = time.perf_counter()  # validation and checkpoint time is kept out of tokens/s
-            if has_val and ((cfg.eval.interval and step % cfg.eval.interval == 0) or last):
+            if eval_now:
                 val = evaluate(model, cfg, val_dir, dist, config, precision)
                 val_losses.append((step, val))
                 logger.log({"step": step, "split": "val", "loss": val, "tokens": tokens})
                 if bar is not None:
                     bar.write(f"step {step}: val loss {val:.4f}")
-            if (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or last:
+            if save_now:
                 save(step)
             window_time += time.perf_counter() - paused
             if last:

@@ -2,10 +2,11 @@
 
 Run by test_compile_sm90.py in a subprocess WITHOUT TRITON_INTERPRET (the interpreter never compiles).
 The kernels' launches are recorded instead of run: each wrapper (the selective scan forward and backward,
-its chunked passes, the causal conv and its backward and update, the state update, the fused decoding
-step in both matmul forms, with and without programmatic dependent launch) is called on CPU tensors with
-its kernels replaced by recorders, then every distinct launch is compiled with Triton's NVIDIA backend
-(ptxas ships with Triton). Prints one JSON line per compiled kernel; exits non-zero on the first failure.
+its chunked passes, the causal conv and its backward and update, the state update, the cross-entropy
+forward and backward, the fused decoding step in both matmul forms, with and without programmatic
+dependent launch) is called on CPU tensors with its kernels replaced by recorders, then every distinct
+launch is compiled with Triton's NVIDIA backend (ptxas ships with Triton). Prints one JSON line per
+compiled kernel; exits non-zero on the first failure.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ def run_wrappers() -> None:
     from openjamba import JambaConfig, JambaForCausalLM
     from openjamba.inference import fused
     from openjamba.ops.causal_conv1d.triton import causal_conv1d_triton, causal_conv1d_update_triton
+    from openjamba.ops.cross_entropy.triton import cross_entropy_triton
     from openjamba.ops.selective_scan import triton as scan
     from openjamba.ops.selective_state_update.triton import selective_state_update_triton
 
@@ -96,6 +98,9 @@ def run_wrappers() -> None:
         selective_state_update_triton(torch.randn(B, D, N), u[:, 0].detach(), delta[:, 0].detach(), A.detach(),
                                       Bm[:, 0].detach(), Cm[:, 0].detach(), Dsk.detach(), z[:, 0].detach(),
                                       bias.detach(), True)
+        # a vocabulary of several 4096-wide tiles (the jamba-1b tile) with a masked tail
+        logits = torch.randn(6, 5000, dtype=dtype, requires_grad=True)
+        cross_entropy_triton(logits, torch.tensor([1, -100, 4999, 0, 7, 2])).backward()
 
     # the fused decoding step, both matmul forms, PDL on and off
     fused.fused_unavailable = lambda model, batch: None
@@ -110,8 +115,10 @@ def run_wrappers() -> None:
 
 def main() -> int:
     record("openjamba.ops.selective_scan.triton", "scan_fwd_kernel", "scan_bwd_kernel")
-    record("openjamba.ops.causal_conv1d.triton", "_conv_fwd_kernel", "_conv_bwd_kernel", "_conv_update_kernel")
+    record("openjamba.ops.causal_conv1d.triton", "_conv_fwd_kernel", "_conv_bwd_kernel",
+           "_conv_update_kernel")
     record("openjamba.ops.selective_state_update.triton", "_ssu_kernel")
+    record("openjamba.ops.cross_entropy.triton", "_ce_fwd_kernel", "_ce_bwd_kernel")
     record("openjamba.inference.fused_kernels", "norm_linear_kernel", "mamba_in_kernel", "mamba_ssm_kernel",
            "router_kernel", "ffn_up_kernel", "down_residual_kernel", "attn_split_kernel", "attn_combine_kernel")
     run_wrappers()

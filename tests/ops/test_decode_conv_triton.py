@@ -1,5 +1,7 @@
 """Triton causal conv1d (forward, backward, one-token update) and selective_state_update vs references."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -42,6 +44,21 @@ def test_conv_fp32(b, L, D, K, device):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_conv_half(dtype, device):
     conv_check(2, 37, 12, 4, dtype, device)
+
+
+@pytest.mark.parametrize("cfg", [(4, 8, 2), (4, 4, 1), (8, 64, 1)])
+def test_conv_backward_tilings(cfg, device, monkeypatch):
+    """Other backward tilings: short blocks and chunks (several warm-up blocks and chunk seams, blocks of
+    exactly K - 1 rows), two warps."""
+    monkeypatch.setattr(importlib.import_module("openjamba.ops.causal_conv1d.triton"), "BWD_OVERRIDE", cfg)
+    conv_check(2, 45, 10, 4, torch.float32, device)
+    conv_check(1, 2, 3, 4, torch.float32, device)
+
+
+def test_conv_backward_block_shorter_than_window(device, monkeypatch):
+    monkeypatch.setattr(importlib.import_module("openjamba.ops.causal_conv1d.triton"), "BWD_OVERRIDE", (2, 8, 1))
+    with pytest.raises(ValueError, match="BLOCK_T 2 < K - 1 = 3"):
+        conv_check(1, 9, 3, 4, torch.float32, device)
 
 
 def test_conv_no_init_no_bias_no_act(device):

@@ -5,6 +5,7 @@ import torch
 import openjamba.ops as ops
 from kernel_testing import rel_err
 from openjamba.ops.causal_conv1d.triton import causal_conv1d_triton, causal_conv1d_update_triton
+from openjamba.ops.cross_entropy.triton import cross_entropy_triton
 from openjamba.ops.moe.grouped import moe_experts_grouped
 from openjamba.ops.selective_scan.triton import selective_scan_triton
 from openjamba.ops.selective_state_update.triton import selective_state_update_triton
@@ -20,6 +21,7 @@ def test_set_backend_triton_resolves_to_kernels(device):
             "causal_conv1d": causal_conv1d_triton,
             "causal_conv1d_update": causal_conv1d_update_triton,
             "moe_experts": moe_experts_grouped,
+            "cross_entropy": cross_entropy_triton,
         }
         for op, fn in expected.items():
             got, backend = ops.resolve(op, on_cuda=True)

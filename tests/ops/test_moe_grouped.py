@@ -60,3 +60,19 @@ def test_moe_no_host_sync_in_routing():
 def test_moe_gpu_real_size():
     moe_check(4096, 1024, 2816, 8, 2, torch.bfloat16, "cuda", 2e-2)
     moe_check(1000, 1024, 2816, 16, 2, torch.bfloat16, "cuda", 2e-2, skew=True)
+
+
+@pytest.mark.gpu
+def test_moe_non_bf16_on_cuda_takes_the_reference_visibly(monkeypatch):
+    """torch's CUDA grouped GEMM is built for bf16: fp32 inputs run the per-expert loop under "auto" and
+    are an error when the kernels are forced."""
+    from openjamba import ops
+
+    x = torch.randn(37, 16, device="cuda")
+    w, idx = torch.randn(37, 5, device="cuda").softmax(-1).topk(2, -1)
+    wg, wd = torch.randn(5, 48, 16, device="cuda"), torch.randn(5, 16, 24, device="cuda")
+    monkeypatch.setattr(ops, "_backend", "auto")
+    assert rel_err(ops.moe_experts(x, w, idx, wg, wd), moe_experts_ref(x, w, idx, wg, wd)) < 1e-6
+    monkeypatch.setattr(ops, "_backend", "triton")
+    with pytest.raises(ops.BackendUnavailable, match="needs bf16"):
+        ops.moe_experts(x, w, idx, wg, wd)

@@ -121,3 +121,34 @@ def test_scan_chunk_parallel_forward(chunks, device, monkeypatch):
     monkeypatch.setattr(importlib.import_module("openjamba.ops.selective_scan.triton"), "CHUNKS_OVERRIDE", chunks)
     check(2, 45, 6, 4, torch.float32, device)
     check(1, 45, 6, 4, torch.float32, device, with_h0=False)
+
+
+@pytest.fixture
+def deterministic():
+    prev, prev_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    yield
+    torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
+
+
+def _grads_BC(x):
+    y, h = run(selective_scan_triton, x)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.device)
+    return torch.autograd.grad((y.float() * gy).sum() + h.sum(), [x["B"], x["C"]])
+
+
+def test_scan_deterministic_mode(device, deterministic):
+    """In torch's deterministic mode dB and dC (sums over channel programs, atomic adds otherwise) are
+    summed from one slice per program: right against the reference and bit-identical between runs."""
+    check(2, 21, 40, 4, torch.float32, device)  # 40 channels: several channel programs
+    x = make_inputs(2, 21, 40, 4, torch.float32, device)
+    for a, b in zip(_grads_BC(x), _grads_BC(x)):
+        assert torch.equal(a, b)
+
+
+def test_scan_atomic_sums_match_deterministic(device, deterministic):
+    x = make_inputs(2, 33, 40, 4, torch.float32, device)
+    det = _grads_BC(x)
+    torch.use_deterministic_algorithms(False)
+    for a, b in zip(_grads_BC(x), det):
+        assert rel_err(a, b) < 1e-6

@@ -166,3 +166,24 @@ def test_training_on_gpu(data_dir, tmp_path, precision):
     last = [r for r in read_jsonl(str(tmp_path / "run" / "metrics.jsonl")) if r["split"] == "train"][-1]
     assert last["mfu"] > 0 and last["peak_mem_gb"] > 0
     assert summary["sample"] and os.path.exists(os.path.join(summary["hf_dir"], "model.safetensors"))
+
+
+def test_deterministic_mode_is_on_during_training_only(data_dir, tmp_path, monkeypatch):
+    """train.deterministic switches torch's deterministic algorithms on for the run and restores the
+    previous setting afterwards (it is process-global)."""
+    import openjamba.train.trainer as trainer_mod
+
+    seen = []
+    real = trainer_mod.forward_backward
+
+    def spy(*a, **kw):
+        seen.append(torch.are_deterministic_algorithms_enabled())
+        return real(*a, **kw)
+
+    monkeypatch.setattr(trainer_mod, "forward_backward", spy)
+    assert not torch.are_deterministic_algorithms_enabled()
+    train(tiny_config(data_dir, str(tmp_path / "det"), train={"max_steps": 2, "deterministic": True}))
+    assert seen and all(seen) and not torch.are_deterministic_algorithms_enabled()
+    seen.clear()
+    train(tiny_config(data_dir, str(tmp_path / "nondet"), train={"max_steps": 2}))
+    assert seen and not any(seen)

@@ -4,10 +4,13 @@
     causal_conv1d_triton -> (y (B, L, D) in x.dtype, final_state (B, K-1, D))
     causal_conv1d_update_triton: one token x (B, D); conv_state (B, K-1, D) shifted in place -> y (B, D)
 
-Channel-last tiles (BLOCK_T steps x BLOCK_D channels) keep every load coalesced; the K taps are K
-shifted loads of the same tile (L1/L2 hits). The backward is one kernel: each tile recomputes the
-pre-activations of the K rows that reach it (shifted loads again), forms dx (in x's dtype) and
-d(initial_state) directly, and reduces the weight and bias gradients per tile (summed by the caller).
+Channel-last tiles (BLOCK_T steps x BLOCK_D channels) keep every load coalesced; the forward's K taps
+are K shifted loads of the same tile (L1/L2 hits). The backward is one kernel that walks a chunk of
+rows forward in time, one channel per lane and the rows of a block inside each thread: each input and
+output gradient row is read once, each pre-activation computed once, and the K - 1 rows a block reaches
+back to (inputs and d(pre-activation)) are the previous block's, reached by in-thread row shifts that
+compile to register renaming. It writes dx (in x's dtype) and d(initial_state) directly and the weight
+and bias gradients per chunk (summed by the caller).
 The final state is the last K-1 inputs, taken with torch slicing so autograd differentiates it for free.
 """
 
@@ -57,64 +60,118 @@ def _conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, init_ptr, y_ptr, L, D, s_xb, s_xl, 
 
 
 @triton.jit
+def _shifted(cur, prev, offs_t, k: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Rows of [prev ; cur] k steps back: row t is cur[t - k], or prev[BLOCK_T + t - k] when t < k.
+    The time axis lies inside each thread, so the selections fold to register renaming."""
+    src = offs_t - k
+    a = tl.sum(tl.where(offs_t[None, :, None] == src[:, None, None], cur[None, :, :], -0.0), axis=1)
+    if k > 0:
+        a += tl.sum(tl.where(offs_t[None, :, None] == (src + BLOCK_T)[:, None, None], prev[None, :, :], -0.0), axis=1)
+    return a
+
+
+@triton.jit
+def _tap_rows(x_ptr, init_ptr, b, r0, offs_t, offs_d, mask_d, L, D, K1, s_xb, s_xl, HAS_INIT: tl.constexpr,
+              BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """_tap of rows r0 .. r0 + BLOCK_T - 1, loaded one row at a time: one channel per lane and the rows
+    inside each thread (the layout the row shifts need; a 2-D load would be vectorised across channels)."""
+    v = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    for i in tl.static_range(BLOCK_T):
+        r = r0 + i + 0 * offs_d  # as a vector: a scalar-valued mask is not accepted everywhere
+        xr = tl.load(x_ptr + b * s_xb + r * s_xl + offs_d, mask=mask_d & (r >= 0) & (r < L), other=0.0)
+        xr = xr.to(tl.float32)
+        if HAS_INIT:
+            ri = r + K1
+            xr += tl.load(init_ptr + (b * K1 + ri) * D + offs_d, mask=mask_d & (r < 0) & (ri >= 0),
+                          other=0.0).to(tl.float32)
+        v = tl.where(offs_t[:, None] == i, xr[None, :], v)
+    return v
+
+
+@triton.jit
 def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, init_ptr, dy_ptr, dx_ptr, dinit_ptr, dw_ptr, db_ptr,
-                     L, D, s_xb, s_xl, s_gb, s_gl, s_ob, s_ol,
-                     K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, SILU: tl.constexpr,
-                     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One pass: d(padded input) rows j of [initial_state ; x] (x-row s = j - (K-1)) and per-tile
-    weight/bias gradients. d(input)_s = sum_m w_{K-1-m} dpre_{s+m}; the K dpre rows it needs are
-    recomputed from shifted loads of x and dy (L1/L2 hits) instead of going through memory."""
-    pid_t = tl.program_id(0)
+                         L, D, n_blk, s_xb, s_xl, s_gb, s_gl, s_ob, s_ol,
+                         K: tl.constexpr, KP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr,
+                         SILU: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Walks a chunk of n_blk blocks of BLOCK_T rows forward in time. Block rows r carry
+    dpre_r = dy_r silu'(pre_r); the x-row s = r - (K-1) gets d(input)_s = sum_m w_{K-1-m} dpre_{s+m}.
+    The K-1 rows before each block (its x inputs and dpre) are the previous block's, kept in registers
+    and reached by in-thread row shifts, so every input is loaded once and pre is computed once per row.
+    A warm-up block before the chunk supplies them for the first block. Rows run to L + K - 2 so that
+    the last inputs (and the initial state, x-rows -(K-1)..-1) receive their whole gradient."""
+    pid_c = tl.program_id(0)
     pid_d = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    s_rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T) - (K - 1)  # x-rows, the first K-1 in the initial state
+    offs_t = tl.arange(0, BLOCK_T)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_k = tl.arange(0, KP)
     mask_d = offs_d < D
     bias = tl.zeros([BLOCK_D], dtype=tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    dxa = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-    dpre0 = dxa
-    for m in tl.static_range(K):
-        r = s_rows + m  # rows whose dpre reaches s through tap K-1-m
+    r0 = pid_c * n_blk * BLOCK_T
+    x_prev = _tap_rows(x_ptr, init_ptr, b, r0 - 2 * BLOCK_T, offs_t, offs_d, mask_d, L, D, K - 1, s_xb, s_xl,
+                       HAS_INIT, BLOCK_T, BLOCK_D)
+    g_prev = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    dw_acc = tl.zeros([KP, BLOCK_D], dtype=tl.float32)
+    db_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for i in range(-1, n_blk):
+        rb = r0 + i * BLOCK_T
+        rows = rb + offs_t
+        x_cur = _tap_rows(x_ptr, init_ptr, b, rb, offs_t, offs_d, mask_d, L, D, K - 1, s_xb, s_xl, HAS_INIT,
+                          BLOCK_T, BLOCK_D)
         pre = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32) + bias[None, :]
         for j in tl.static_range(K):
             w = tl.load(w_ptr + offs_d * K + j, mask=mask_d, other=0.0).to(tl.float32)
-            # the same row offset m + j - (K - 1) for every (m, j) pair with equal sum: the compiler
-            # merges those loads (2K - 1 distinct x tiles, not K * K)
-            pre += w[None, :] * _tap(x_ptr, init_ptr, b, s_rows + (m + j - (K - 1)), offs_d, mask_d, L, D, K - 1,
-                                     s_xb, s_xl, HAS_INIT)
-        mr = ((r >= 0) & (r < L))[:, None] & mask_d[None, :]
-        g = tl.load(dy_ptr + b * s_gb + r[:, None] * s_gl + offs_d[None, :], mask=mr, other=0.0).to(tl.float32)
+            pre += w[None, :] * _shifted(x_cur, x_prev, offs_t, K - 1 - j, BLOCK_T)
+        valid = ((rows >= 0) & (rows < L))[:, None] & mask_d[None, :]
+        g = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+        for t in tl.static_range(BLOCK_T):
+            r = rb + t + 0 * offs_d
+            gr = tl.load(dy_ptr + b * s_gb + r * s_gl + offs_d, mask=mask_d & (r >= 0) & (r < L), other=0.0)
+            g = tl.where(offs_t[:, None] == t, gr.to(tl.float32)[None, :], g)
         if SILU:
             sg = tl.sigmoid(pre)
             g = g * sg * (1.0 + pre * (1.0 - sg))
-        g = tl.where(mr, g, 0.0)
-        w = tl.load(w_ptr + offs_d * K + (K - 1 - m), mask=mask_d, other=0.0).to(tl.float32)
-        dxa += w[None, :] * g
-        if m == 0:
-            dpre0 = g
-    mx = ((s_rows >= 0) & (s_rows < L))[:, None] & mask_d[None, :]
-    tl.store(dx_ptr + b * s_ob + s_rows[:, None] * s_ol + offs_d[None, :], dxa, mask=mx)
-    if HAS_INIT:
-        mi = (s_rows < 0)[:, None] & mask_d[None, :]
-        tl.store(dinit_ptr + (b * (K - 1) + (s_rows + K - 1)[:, None]) * D + offs_d[None, :], dxa, mask=mi)
-    # weight and bias gradients over this tile's x-rows (dpre0 is zero outside [0, L))
-    part = (b * tl.num_programs(0) + pid_t) * D + offs_d
-    for k in tl.static_range(K):
-        xk = _tap(x_ptr, init_ptr, b, s_rows + (k - (K - 1)), offs_d, mask_d, L, D, K - 1, s_xb, s_xl, HAS_INIT)
-        tl.store(dw_ptr + part * K + k, tl.sum(dpre0 * xk, axis=0), mask=mask_d)
+        g = tl.where(valid, g, 0.0)
+        if i >= 0:
+            dxa = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+            for m in tl.static_range(K):
+                w = tl.load(w_ptr + offs_d * K + (K - 1 - m), mask=mask_d, other=0.0).to(tl.float32)
+                dxa += w[None, :] * _shifted(g, g_prev, offs_t, K - 1 - m, BLOCK_T)
+            for t in tl.static_range(BLOCK_T):  # row by row, for the same reason as the loads
+                s_row = rb + t - (K - 1) + 0 * offs_d
+                dxr = tl.sum(tl.where(offs_t[:, None] == t, dxa, -0.0), axis=0)
+                tl.store(dx_ptr + b * s_ob + s_row * s_ol + offs_d, dxr, mask=mask_d & (s_row >= 0) & (s_row < L))
+                if HAS_INIT:
+                    tl.store(dinit_ptr + (b * (K - 1) + s_row + K - 1) * D + offs_d, dxr, mask=mask_d & (s_row < 0))
+            for j in tl.static_range(K):
+                part = tl.sum(g * _shifted(x_cur, x_prev, offs_t, K - 1 - j, BLOCK_T), axis=0)
+                dw_acc += tl.where(offs_k[:, None] == j, part[None, :], 0.0)
+            db_acc += tl.sum(g, axis=0)
+        x_prev, g_prev = x_cur, g
+    part_offs = (b * tl.num_programs(0) + pid_c) * D + offs_d
+    tl.store(dw_ptr + part_offs[None, :] * K + offs_k[:, None], dw_acc, mask=(offs_k < K)[:, None] & mask_d[None, :])
     if HAS_BIAS:
-        tl.store(db_ptr + part, tl.sum(dpre0, axis=0), mask=mask_d)
+        tl.store(db_ptr + part_offs, db_acc, mask=mask_d)
+
+
+# (BLOCK_T, BLOCK_D, blocks per chunk) of the backward instead of the default
+BWD_OVERRIDE: tuple[int, int, int] | None = None
+
+
+def _bwd_config(L, D, K) -> tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_D, blocks per chunk) of the backward: one channel per thread (BLOCK_D / 32 warps),
+    8 rows per block, 128-row chunks; fastest of a sweep on the H200 (benchmarks/KERNEL_NOTES.md). A block
+    must cover the K - 1 rows reached back."""
+    bt, bd, nb = BWD_OVERRIDE or (max(8, triton.next_power_of_2(K - 1)), min(128, max(32, triton.next_power_of_2(D))), 16)
+    if bt < K - 1:
+        raise ValueError(f"conv backward BLOCK_T {bt} < K - 1 = {K - 1}")
+    return bt, bd, nb
 
 
 def _blocks(L, D):
     return min(32, max(triton.next_power_of_2(L), 8)), min(64, max(triton.next_power_of_2(D), 8))
-
-
-def _bwd_config(L, D) -> tuple[int, int, int]:
-    """(BLOCK_T, BLOCK_D, num_warps) of the backward kernel."""
-    return (*_blocks(L, D), 4)
 
 
 class _CausalConvFn(torch.autograd.Function):
@@ -143,18 +200,20 @@ class _CausalConvFn(torch.autograd.Function):
         batch, L, D = x.shape
         K = weight.shape[1]
         dy = dy.contiguous()
-        BT, BD, warps = _bwd_config(L, D)
         LP = L + K - 1  # rows of [initial_state ; x]
-        nT = triton.cdiv(LP, BT)
         dx = torch.empty(batch, L, D, device=x.device, dtype=x.dtype)
         dinit = torch.empty(batch, K - 1, D, device=x.device, dtype=torch.float32) if init is not None else None
+        common = (x, weight, bias if bias is not None else weight, init if init is not None else x, dy, dx)
+        flags = dict(K=K, HAS_BIAS=bias is not None, HAS_INIT=init is not None, SILU=ctx.silu)
+        BT, BD, nb = _bwd_config(L, D, K)
+        nb = max(1, min(nb, triton.cdiv(LP, BT)))
+        nT = triton.cdiv(LP, BT * nb)
         dw = torch.empty(batch, nT, D, K, device=x.device, dtype=torch.float32)
         db = torch.empty(batch, nT, D, device=x.device, dtype=torch.float32)
         _conv_bwd_kernel[(nT, triton.cdiv(D, BD), batch)](
-            x, weight, bias if bias is not None else weight, init if init is not None else x, dy, dx,
-            dinit if dinit is not None else dw, dw, db, L, D, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
-            dx.stride(0), dx.stride(1), K=K, HAS_BIAS=bias is not None, HAS_INIT=init is not None, SILU=ctx.silu,
-            BLOCK_T=BT, BLOCK_D=BD, num_warps=warps)
+            *common, dinit if dinit is not None else dw, dw, db, L, D, nb, x.stride(0), x.stride(1),
+            dy.stride(0), dy.stride(1), dx.stride(0), dx.stride(1), KP=triton.next_power_of_2(K), **flags,
+            BLOCK_T=BT, BLOCK_D=BD, num_warps=max(1, BD // 32))
         dinit = dinit.to(ctx.init_dtype) if dinit is not None else None
         dbias = db.sum((0, 1)).to(bias.dtype) if bias is not None else None
         return dx, dw.sum((0, 1)).to(weight.dtype), dbias, dinit, None

@@ -24,6 +24,14 @@ def _affine_combine(a1, b1, a2, b2):
 
 
 @triton.jit
+def _rows(x, offs_t, src):
+    """Row t of the result is row src[t] of x (a (BLOCK_T, BN, BD) tile; rows out of range give -0).
+    The time axis lies inside each thread, so the selection folds to register renaming."""
+    pick = offs_t[None, :, None, None] == src[:, None, None, None]
+    return tl.sum(tl.where(pick, x[None, :, :, :], -0.0), axis=1)
+
+
+@triton.jit
 def _softplus(x):
     # log(1 + e^x); below -12 log(1 + e) ~ e to fp32 precision, and log(1 + e) would lose e's low bits
     e = tl.exp(tl.minimum(x, 20.0))
@@ -143,8 +151,9 @@ def scan_fwd_kernel(
 
         dA = _exp2(dt[:, None, :] * A2[None, :, :], FAST)  # (BT, BN, BD)
         dBu = (dt * u)[:, None, :] * Bt[:, :, None]
-        a_cum, b_cum = tl.associative_scan((dA, dBu), 0, _affine_combine)
-        H = a_cum * h[None, :, :] + b_cum
+        # the carried state folded into the first row: only the scan's second output is needed
+        dBu = tl.where(offs_t[:, None, None] == 0, dBu + dA * h[None, :, :], dBu)
+        _, H = tl.associative_scan((dA, dBu), 0, _affine_combine)
         if SAVE:
             for k in tl.static_range(1, BLOCK_T // SAVE_T):
                 idx = i * (BLOCK_T // SAVE_T) + k
@@ -177,13 +186,14 @@ def scan_bwd_kernel(
     L, D, n_blocks,
     s_ub, s_ul, s_db, s_dl, s_zb, s_zl, s_Bb, s_Bl, s_Cb, s_Cl, s_gb, s_gl,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_DHLAST: tl.constexpr, FAST: tl.constexpr,
+    HAS_DHLAST: tl.constexpr, FAST: tl.constexpr, ATOMIC: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, N: tl.constexpr,
 ):
     """Reverse walk over blocks. With carry = the gradient reaching a block from later steps:
     dh_t = C_t * dys_t + exp(delta_{t+1} A) dh_{t+1}  (a reverse affine scan inside the block);
     the decay-path gradient uses h_{t-1} * exp(delta_t A) = h_t - dBu_t, so no shifted state is needed.
-    Gradients reduced over channels (dB, dC) are written per program and summed by the caller."""
+    Gradients reduced over channels (dB, dC) are added atomically into one fp32 buffer (ATOMIC) or
+    written per program and summed by the caller."""
     pid_d = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     n_pd = tl.num_programs(0)
@@ -208,24 +218,20 @@ def scan_bwd_kernel(
     dbias_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     p_u, p_dl, p_z, p_B, p_C = u_ptr + b * s_ub, delta_ptr + b * s_db, z_ptr + b * s_zb, B_ptr + b * s_Bb, C_ptr + b * s_Cb
     p_g = dy_ptr + b * s_gb
-    # prefetch of the last block (the walk goes backwards); delta one row ahead, dy and the saved state too
+    # prefetch of the last block (the walk goes backwards); dy and the saved state too
     r0 = (n_blocks - 1) * BLOCK_T + offs_t
     nxt = _fetch(p_u, p_dl, p_z, p_B, p_C, r0, offs_d, offs_n, mask_d, mask_n, L, s_ul, s_dl, s_zl, s_Bl, s_Cl, HAS_Z)
     m_nx = (r0 < L)[:, None] & mask_d[None, :]
     n_g = tl.load(p_g + r0[:, None] * s_gl + offs_d[None, :], mask=m_nx, other=0.0)
-    m_nx1 = ((r0 + 1 < L) & (offs_t < BLOCK_T - 1))[:, None] & mask_d[None, :]
-    n_dl1 = tl.load(p_dl + (r0 + 1)[:, None] * s_dl + offs_d[None, :], mask=m_nx1, other=0.0)
     n_h0 = tl.load(hsave_ptr + (b * n_blocks + n_blocks - 1) * N * D + save_offs, mask=mask_nd, other=0.0)
     for j in range(0, n_blocks):
         i = n_blocks - 1 - j
         cu, cdl, cz, cB, cC = nxt
-        c_g, c_dl1, h0 = n_g, n_dl1, n_h0
+        c_g, h0 = n_g, n_h0
         rp = (i - 1) * BLOCK_T + offs_t  # rows of the previous block (negative: masked off)
         nxt = _fetch(p_u, p_dl, p_z, p_B, p_C, rp, offs_d, offs_n, mask_d, mask_n, L, s_ul, s_dl, s_zl, s_Bl, s_Cl, HAS_Z)
         m_p = ((rp >= 0) & (rp < L))[:, None] & mask_d[None, :]
         n_g = tl.load(p_g + rp[:, None] * s_gl + offs_d[None, :], mask=m_p, other=0.0)
-        m_p1 = ((rp >= 0) & (offs_t < BLOCK_T - 1))[:, None] & mask_d[None, :]
-        n_dl1 = tl.load(p_dl + (rp + 1)[:, None] * s_dl + offs_d[None, :], mask=m_p1, other=0.0)
         n_h0 = tl.load(hsave_ptr + (b * n_blocks + tl.maximum(i - 1, 0)) * N * D + save_offs, mask=mask_nd, other=0.0)
 
         rows = i * BLOCK_T + offs_t
@@ -235,19 +241,16 @@ def scan_bwd_kernel(
         x_offs = rows[:, None] * s_ul + offs_d[None, :]
         u = cu.to(tl.float32)
         dt, raw = _delta_act(cdl, m2, bias, HAS_BIAS, SOFTPLUS)
-        # delta of the next step (t + 1), for the decay that carries dh_{t+1} back to step t; masked
-        # (so decay 1) on the block's last row, where the carry from the next block enters instead
-        m2n = ((rows + 1 < L) & (offs_t < BLOCK_T - 1))[:, None] & mask_d[None, :]
-        dt1, _ = _delta_act(c_dl1, m2n, bias, HAS_BIAS, SOFTPLUS)
         Bt = cB.to(tl.float32)
         Ct = cC.to(tl.float32)
         g = c_g.to(tl.float32)
 
-        # forward recompute of the block from its saved start state
+        # forward recompute of the block from its saved start state (folded into the first row, so the
+        # scan's cumulative decays are never needed: only its second output is used)
         dA = _exp2(dt[:, None, :] * A2[None, :, :], FAST)  # (BT, BN, BD)
         dBu = (dt * u)[:, None, :] * Bt[:, :, None]
-        a_cum, b_cum = tl.associative_scan((dA, dBu), 0, _affine_combine)
-        H = a_cum * h0[None, :, :] + b_cum
+        first = offs_t[:, None, None] == 0
+        _, H = tl.associative_scan((dA, tl.where(first, dBu + dA * h0[None, :, :], dBu)), 0, _affine_combine)
 
         # output gate and skip
         dys = g
@@ -262,11 +265,14 @@ def scan_bwd_kernel(
         if HAS_D:
             dD_acc += tl.sum(dys * u, axis=0)
 
-        # reverse scan for dh inside the block
-        alpha = _exp2(dt1[:, None, :] * A2[None, :, :], FAST)  # 1 on the block's last row (delta = 0)
+        # reverse scan for dh inside the block, the carry from the next block folded into the last row,
+        # run as a forward scan over the rows in reverse order. alpha_t = exp(delta_{t+1} A) is dA one
+        # row up (1 on the block's last row); reversed, it is dA one row down.
         gh = dys[:, None, :] * Ct[:, :, None]
-        p_cum, q_cum = tl.associative_scan((alpha, gh), 0, _affine_combine, reverse=True)
-        dH = q_cum + p_cum * carry[None, :, :]
+        gh = tl.where(offs_t[:, None, None] == BLOCK_T - 1, gh + carry[None, :, :], gh)
+        r_alpha = tl.where(first, 1.0, _rows(dA, offs_t, BLOCK_T - offs_t))  # row t: dA[BT - t] (t >= 1)
+        _, r_dH = tl.associative_scan((r_alpha, _rows(gh, offs_t, BLOCK_T - 1 - offs_t)), 0, _affine_combine)
+        dH = _rows(r_dH, offs_t, BLOCK_T - 1 - offs_t)
         # gradient leaving the block towards step t0 - 1: exp(delta_t0 A) dh_t0
         carry = tl.sum(tl.where(offs_t[:, None, None] == 0, dA * dH, 0.0), axis=0)
 
@@ -283,9 +289,14 @@ def scan_bwd_kernel(
         tl.store(ddelta_ptr + b * s_gb + x_offs, ddt, mask=m2)
         dBt = tl.sum(dH * (dt * u)[:, None, :], axis=2)  # (BT, BN)
         dCt = tl.sum(H * dys[:, None, :], axis=2)
-        part = ((b * n_pd + pid_d) * L + rows[:, None]) * N + offs_n[None, :]
-        tl.store(dBp_ptr + part, dBt, mask=mtn)
-        tl.store(dCp_ptr + part, dCt, mask=mtn)
+        if ATOMIC:  # summed over the channel programs in place (order-dependent rounding)
+            part = (b * L + rows[:, None]) * N + offs_n[None, :]
+            tl.atomic_add(dBp_ptr + part, dBt, mask=mtn, sem="relaxed")
+            tl.atomic_add(dCp_ptr + part, dCt, mask=mtn, sem="relaxed")
+        else:  # one slice per channel program, summed by the caller (deterministic)
+            part = ((b * n_pd + pid_d) * L + rows[:, None]) * N + offs_n[None, :]
+            tl.store(dBp_ptr + part, dBt, mask=mtn)
+            tl.store(dCp_ptr + part, dCt, mask=mtn)
     tl.store(dA_ptr + state_base + nd_offs, dA_acc, mask=mask_nd)
     tl.store(dh0_ptr + state_base + nd_offs, carry, mask=mask_nd)
     if HAS_D:

@@ -5,10 +5,12 @@
 
 The forward fuses softplus(delta + bias), exp(delta * A), the recurrence, the C contraction, the D skip
 and the silu(z) gate into one pass over the inputs. For training it also saves the fp32 state every
-backward-BLOCK_T steps (4 by default: (B, L / 4, N, D), a quarter of a (B, L, D, N) fp32 tensor), and the
-backward recomputes each 4-step block from it. Every input, the initial state included, gets a
-gradient. Inputs may be fp32, bf16 or fp16 with any strides whose last dimension is contiguous.
-Tile sizes are the fastest measured on an H200 (benchmarks/KERNEL_NOTES.md).
+backward-BLOCK_T steps (4, or 8 on small grids: (B, L / 4, N, D) is a quarter of a (B, L, D, N) fp32
+tensor), and the backward recomputes each block from it. Every input, the initial state included, gets
+a gradient; dB and dC, sums over channels, are added atomically across channel programs (so their
+last bits vary from run to run) unless torch's deterministic mode is on. Inputs may be fp32, bf16 or
+fp16 with any strides whose last dimension is contiguous. Tile sizes are the fastest measured on an
+H200 (benchmarks/KERNEL_NOTES.md).
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from ._kernels import scan_bwd_kernel, scan_fwd_kernel
 
 # the hardware flush-to-zero exp2 (inline PTX) on GPUs; the interpreter runs plain tl.exp2
 _FAST_EXP = os.environ.get("TRITON_INTERPRET") != "1"
+
+# dB and dC (sums over channels) by atomic adds unless torch's deterministic mode is on
+_ATOMIC_SUMS = True
 
 # (BLOCK_T, BLOCK_D, num_warps[, maxnreg]) of the forward and of the backward instead of the table
 # below; the benchmark sweeps it. The backward BLOCK_T must divide the forward one: the forward saves
@@ -44,15 +49,16 @@ def _config(N: int, D: int, backward: bool, batch: int = 1, device=None) -> tupl
         bd = min(bd, max(triton.next_power_of_2(D), 2))
     else:
         # One warp per program where the tile allows it: the reductions over states then stay inside
-        # the warp (no shared memory, no barriers). Per thread: 64 fp32 of each forward tile, 16 of
+        # the warp (no shared memory, no barriers). Per thread: 64 fp32 of each forward tile, 16-32 of
         # each backward tile (the backward keeps many tiles alive). Fastest on the H200 at N = 16:
-        # forward (8, 16, 1 warp), backward (4, 8, 1 warp), or (4, 16, 1 warp) where the grid still
-        # has 4+ programs per SM (benchmarks/KERNEL_NOTES.md).
+        # forward (8, 16, 1 warp); backward (4, 16, 1 warp) where the grid has 4+ programs per SM,
+        # else (8, 8, 1 warp) (benchmarks/KERNEL_NOTES.md).
         bt, per_warp = (4, 512) if backward else (8, 2048)
         if backward and device is not None and device.type == "cuda" and BN <= 16:
             sms = torch.cuda.get_device_properties(device).multi_processor_count
-            if batch * triton.cdiv(D, 16) >= 4 * sms:
-                per_warp = 1024
+            per_warp = 1024
+            if batch * triton.cdiv(D, 16) < 4 * sms:
+                bt = 8
         bd = min(max(2, per_warp // (bt * BN)), max(triton.next_power_of_2(D), 2))
         warps = min(8, max(1, bt * BN * bd // per_warp))
     return bt, bd, BN, warps, maxnreg
@@ -93,7 +99,7 @@ class _SelectiveScanFn(torch.autograd.Function):
         batch, L, D = u.shape
         N = A.shape[1]
         BT, BD, BN, warps, maxnreg = _config(N, D, backward=False)
-        save_t = _config(N, D, backward=True)[0]
+        save_t = _config(N, D, backward=True, batch=batch, device=u.device)[0]
         assert BT % save_t == 0, "the backward BLOCK_T must divide the forward one"
         n_blocks = triton_cdiv(L, BT)
         n_save = triton_cdiv(L, save_t)
@@ -136,6 +142,7 @@ class _SelectiveScanFn(torch.autograd.Function):
         if save:
             ctx.save_for_backward(u, delta, A, B, C, D_skip, z, delta_bias, hsave)
             ctx.softplus = bool(delta_softplus)
+            ctx.save_t = save_t
             ctx.has_h0 = initial_state is not None
             ctx.h0_dtype = initial_state.dtype if initial_state is not None else None
         return y, hlast
@@ -146,6 +153,7 @@ class _SelectiveScanFn(torch.autograd.Function):
         batch, L, D = u.shape
         N = A.shape[1]
         BT, BD, BN, warps, maxnreg = _config(N, D, backward=True, batch=batch, device=u.device)
+        assert BT == ctx.save_t, "the backward restarts where the forward saved states: same BLOCK_T"
         n_pd = triton_cdiv(D, BD)
         dev = u.device
         dy = dy.contiguous() if dy is not None else torch.zeros_like(u)
@@ -153,8 +161,15 @@ class _SelectiveScanFn(torch.autograd.Function):
         ddelta = torch.empty(batch, L, D, device=dev, dtype=delta.dtype)
         dz = torch.empty(batch, L, D, device=dev, dtype=z.dtype) if z is not None else du
         dA = torch.empty(batch, D, N, device=dev, dtype=torch.float32)
-        dBp = torch.empty(batch, n_pd, L, N, device=dev, dtype=torch.float32)
-        dCp = torch.empty(batch, n_pd, L, N, device=dev, dtype=torch.float32)
+        # dB and dC sum over channels: atomic adds into one buffer, or (in deterministic mode) one slice
+        # per channel program summed here, which is reproducible bit for bit but moves n_pd times the bytes
+        atomic = _ATOMIC_SUMS and not torch.are_deterministic_algorithms_enabled()
+        if atomic:
+            dBp = torch.zeros(batch, L, N, device=dev, dtype=torch.float32)
+            dCp = torch.zeros(batch, L, N, device=dev, dtype=torch.float32)
+        else:
+            dBp = torch.empty(batch, n_pd, L, N, device=dev, dtype=torch.float32)
+            dCp = torch.empty(batch, n_pd, L, N, device=dev, dtype=torch.float32)
         dDp = torch.empty(batch, D, device=dev, dtype=torch.float32)
         dbiasp = torch.empty(batch, D, device=dev, dtype=torch.float32)
         dh0 = torch.empty(batch, D, N, device=dev, dtype=torch.float32)
@@ -169,10 +184,11 @@ class _SelectiveScanFn(torch.autograd.Function):
             B.stride(0), B.stride(1), C.stride(0), C.stride(1), du.stride(0), du.stride(1),
             HAS_D=D_skip is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
             SOFTPLUS=ctx.softplus, HAS_DHLAST=dhlast is not None,
-            FAST=_FAST_EXP, BLOCK_T=BT, BLOCK_D=BD, BLOCK_N=BN, N=N, **_launch_options(warps, maxnreg),
+            FAST=_FAST_EXP, ATOMIC=atomic, BLOCK_T=BT, BLOCK_D=BD, BLOCK_N=BN, N=N,
+            **_launch_options(warps, maxnreg),
         )
-        dB = dBp.sum(1).to(B.dtype)
-        dC = dCp.sum(1).to(C.dtype)
+        dB = (dBp if atomic else dBp.sum(1)).to(B.dtype)
+        dC = (dCp if atomic else dCp.sum(1)).to(C.dtype)
         dD = dDp.sum(0).to(D_skip.dtype) if D_skip is not None else None
         dbias = dbiasp.sum(0).to(delta_bias.dtype) if delta_bias is not None else None
         dA = dA.sum(0).to(A.dtype)
