@@ -155,8 +155,8 @@ class GraphedStep:
     the inputs are copied into static device buffers first, and the gradients, loss and norm live at
     fixed addresses in the graph's memory pool. The gradients are overwritten (not accumulated) by each
     replay, because they are None when the step is captured, so they must never be set to None
-    afterwards. The optimizer step stays outside the graph: the loss is checked on the host before the
-    update is applied (NaN policy) and the learning rate changes every step.
+    afterwards. The optimizer step stays outside the graph (StepRunner applies or skips it per the NaN
+    policy, and the learning rate changes every step).
     """
 
     def __init__(self, model, config: JambaConfig, cfg: TrainConfig, precision: str, dist):
