@@ -47,17 +47,17 @@ def test_conv_half(dtype, device):
 
 
 @pytest.mark.parametrize("cfg", [(4, 8, 2), (4, 4, 1), (8, 64, 1)])
-def test_conv_backward_tilings(cfg, device, monkeypatch):
-    """Other backward tilings: short blocks and chunks (several warm-up blocks and chunk seams, blocks of
+def test_conv_tilings(cfg, device, monkeypatch):
+    """Other tilings (forward and backward): short blocks and chunks (several warm-up blocks and chunk seams, blocks of
     exactly K - 1 rows), two warps."""
-    monkeypatch.setattr(importlib.import_module("openjamba.ops.causal_conv1d.triton"), "BWD_OVERRIDE", cfg)
+    monkeypatch.setattr(importlib.import_module("openjamba.ops.causal_conv1d.triton"), "TILES_OVERRIDE", cfg)
     conv_check(2, 45, 10, 4, torch.float32, device)
     conv_check(1, 2, 3, 4, torch.float32, device)
 
 
-def test_conv_backward_block_shorter_than_window(device, monkeypatch):
-    monkeypatch.setattr(importlib.import_module("openjamba.ops.causal_conv1d.triton"), "BWD_OVERRIDE", (2, 8, 1))
-    with pytest.raises(ValueError, match="BLOCK_T 2 < K - 1 = 3"):
+def test_conv_block_shorter_than_window(device, monkeypatch):
+    monkeypatch.setattr(importlib.import_module("openjamba.ops.causal_conv1d.triton"), "TILES_OVERRIDE", (2, 8, 1))
+    with pytest.raises(ValueError, match="conv BLOCK_T 2 < K - 1 = 3"):
         conv_check(1, 9, 3, 4, torch.float32, device)
 
 

@@ -4,13 +4,11 @@
     causal_conv1d_triton -> (y (B, L, D) in x.dtype, final_state (B, K-1, D))
     causal_conv1d_update_triton: one token x (B, D); conv_state (B, K-1, D) shifted in place -> y (B, D)
 
-Channel-last tiles (BLOCK_T steps x BLOCK_D channels) keep every load coalesced; the forward's K taps
-are K shifted loads of the same tile (L1/L2 hits). The backward is one kernel that walks a chunk of
-rows forward in time, one channel per lane and the rows of a block inside each thread: each input and
-output gradient row is read once, each pre-activation computed once, and the K - 1 rows a block reaches
-back to (inputs and d(pre-activation)) are the previous block's, reached by in-thread row shifts that
-compile to register renaming. It writes dx (in x's dtype) and d(initial_state) directly and the weight
-and bias gradients per chunk (summed by the caller).
+Both kernels walk a chunk of rows forward in time, one channel per lane (coalesced row loads) and the
+rows of a block inside each thread: each row is read once, and the K - 1 rows a block reaches back to
+are the previous block's tile, reached by in-thread row shifts that compile to register renaming. The
+backward computes each pre-activation once, writes dx (in x's dtype) and d(initial_state) directly and
+the weight and bias gradients per chunk (summed by the caller).
 The final state is the last K-1 inputs, taken with torch slicing so autograd differentiates it for free.
 """
 
@@ -21,42 +19,6 @@ import triton
 import triton.language as tl
 
 from ..selective_scan import _interp_compat  # noqa: F401  (CPU interpreter only)
-
-
-@triton.jit
-def _tap(x_ptr, init_ptr, b, r, offs_d, mask_d, L, D, K1, s_xb, s_xl, HAS_INIT: tl.constexpr):
-    """Inputs at x-rows r (negative rows come from the initial state), fp32 (BT, BD)."""
-    m = ((r >= 0) & (r < L))[:, None] & mask_d[None, :]
-    v = tl.load(x_ptr + b * s_xb + r[:, None] * s_xl + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
-    if HAS_INIT:
-        ri = r + K1
-        mi = ((r < 0) & (ri >= 0))[:, None] & mask_d[None, :]
-        v += tl.load(init_ptr + (b * K1 + ri[:, None]) * D + offs_d[None, :], mask=mi, other=0.0).to(tl.float32)
-    return v
-
-
-@triton.jit
-def _conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, init_ptr, y_ptr, L, D, s_xb, s_xl, s_yb, s_yl,
-                     K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, SILU: tl.constexpr,
-                     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_t = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_d < D
-    m2 = (offs_t < L)[:, None] & mask_d[None, :]
-    acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
-    for k in tl.static_range(K):
-        w = tl.load(w_ptr + offs_d * K + k, mask=mask_d, other=0.0).to(tl.float32)
-        acc += w[None, :] * _tap(x_ptr, init_ptr, b, offs_t + (k - (K - 1)), offs_d, mask_d, L, D, K - 1,
-                                 s_xb, s_xl, HAS_INIT)
-    y = acc
-    if SILU:
-        y = acc * tl.sigmoid(acc)
-    tl.store(y_ptr + b * s_yb + offs_t[:, None] * s_yl + offs_d[None, :], y, mask=m2)
 
 
 @triton.jit
@@ -73,8 +35,9 @@ def _shifted(cur, prev, offs_t, k: tl.constexpr, BLOCK_T: tl.constexpr):
 @triton.jit
 def _tap_rows(x_ptr, init_ptr, b, r0, offs_t, offs_d, mask_d, L, D, K1, s_xb, s_xl, HAS_INIT: tl.constexpr,
               BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """_tap of rows r0 .. r0 + BLOCK_T - 1, loaded one row at a time: one channel per lane and the rows
-    inside each thread (the layout the row shifts need; a 2-D load would be vectorised across channels)."""
+    """Inputs at x-rows r0 .. r0 + BLOCK_T - 1 as fp32 (BLOCK_T, BLOCK_D), rows -(K-1)..-1 from the initial
+    state and zeros outside. Loaded one row at a time: one channel per lane and the rows inside each thread
+    (the layout the row shifts need; a 2-D load would be vectorised across channels)."""
     v = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     for i in tl.static_range(BLOCK_T):
         r = r0 + i + 0 * offs_d  # as a vector: a scalar-valued mask is not accepted everywhere
@@ -86,6 +49,48 @@ def _tap_rows(x_ptr, init_ptr, b, r0, offs_t, offs_d, mask_d, L, D, K1, s_xb, s_
                           other=0.0).to(tl.float32)
         v = tl.where(offs_t[:, None] == i, xr[None, :], v)
     return v
+
+
+@triton.jit
+def _pre_act(x_cur, x_prev, w_ptr, bias, offs_t, offs_d, mask_d, K: tl.constexpr, BLOCK_T: tl.constexpr):
+    """bias + sum_j w_j x_{t - (K-1) + j} for the block's rows (x_prev: the block before)."""
+    acc = tl.zeros_like(x_cur) + bias[None, :]
+    for j in tl.static_range(K):
+        w = tl.load(w_ptr + offs_d * K + j, mask=mask_d, other=0.0).to(tl.float32)
+        acc += w[None, :] * _shifted(x_cur, x_prev, offs_t, K - 1 - j, BLOCK_T)
+    return acc
+
+
+@triton.jit
+def _conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, init_ptr, y_ptr, L, D, n_blk, s_xb, s_xl, s_yb, s_yl,
+                     K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, SILU: tl.constexpr,
+                     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A chunk of n_blk blocks of BLOCK_T rows, each input row loaded once, the K - 1 rows before a block
+    taken from the previous block's tile by in-thread row shifts."""
+    pid_c = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    r0 = pid_c * n_blk * BLOCK_T
+    x_prev = _tap_rows(x_ptr, init_ptr, b, r0 - BLOCK_T, offs_t, offs_d, mask_d, L, D, K - 1, s_xb, s_xl,
+                       HAS_INIT, BLOCK_T, BLOCK_D)
+    for i in range(0, n_blk):
+        rb = r0 + i * BLOCK_T
+        x_cur = _tap_rows(x_ptr, init_ptr, b, rb, offs_t, offs_d, mask_d, L, D, K - 1, s_xb, s_xl, HAS_INIT,
+                          BLOCK_T, BLOCK_D)
+        acc = _pre_act(x_cur, x_prev, w_ptr, bias, offs_t, offs_d, mask_d, K, BLOCK_T)
+        if SILU:
+            acc = acc * tl.sigmoid(acc)
+        for t in tl.static_range(BLOCK_T):
+            r = rb + t + 0 * offs_d
+            yr = tl.sum(tl.where(offs_t[:, None] == t, acc, -0.0), axis=0)
+            tl.store(y_ptr + b * s_yb + r * s_yl + offs_d, yr, mask=mask_d & (r < L))
+        x_prev = x_cur
 
 
 @triton.jit
@@ -120,10 +125,7 @@ def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, init_ptr, dy_ptr, dx_ptr, dinit_ptr
         rows = rb + offs_t
         x_cur = _tap_rows(x_ptr, init_ptr, b, rb, offs_t, offs_d, mask_d, L, D, K - 1, s_xb, s_xl, HAS_INIT,
                           BLOCK_T, BLOCK_D)
-        pre = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32) + bias[None, :]
-        for j in tl.static_range(K):
-            w = tl.load(w_ptr + offs_d * K + j, mask=mask_d, other=0.0).to(tl.float32)
-            pre += w[None, :] * _shifted(x_cur, x_prev, offs_t, K - 1 - j, BLOCK_T)
+        pre = _pre_act(x_cur, x_prev, w_ptr, bias, offs_t, offs_d, mask_d, K, BLOCK_T)
         valid = ((rows >= 0) & (rows < L))[:, None] & mask_d[None, :]
         g = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
         for t in tl.static_range(BLOCK_T):
@@ -156,22 +158,20 @@ def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, init_ptr, dy_ptr, dx_ptr, dinit_ptr
         tl.store(db_ptr + part_offs, db_acc, mask=mask_d)
 
 
-# (BLOCK_T, BLOCK_D, blocks per chunk) of the backward instead of the default
-BWD_OVERRIDE: tuple[int, int, int] | None = None
+# (BLOCK_T, BLOCK_D, blocks per chunk) of both kernels instead of the default
+TILES_OVERRIDE: tuple[int, int, int] | None = None
 
 
-def _bwd_config(L, D, K) -> tuple[int, int, int]:
-    """(BLOCK_T, BLOCK_D, blocks per chunk) of the backward: one channel per thread (BLOCK_D / 32 warps),
-    8 rows per block, 128-row chunks; fastest of a sweep on the H200 (benchmarks/KERNEL_NOTES.md). A block
-    must cover the K - 1 rows reached back."""
-    bt, bd, nb = BWD_OVERRIDE or (max(8, triton.next_power_of_2(K - 1)), min(128, max(32, triton.next_power_of_2(D))), 16)
+def _tiles(L, D, K) -> tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_D, blocks per chunk): one channel per thread (BLOCK_D / 32 warps), 8 rows per
+    block, 128-row chunks; the backward's fastest in a sweep on the H200 (benchmarks/KERNEL_NOTES.md).
+    A block must cover the K - 1 rows reached back."""
+    bt, bd, nb = TILES_OVERRIDE or (max(8, triton.next_power_of_2(K - 1)), min(128, max(32, triton.next_power_of_2(D))), 16)
     if bt < K - 1:
-        raise ValueError(f"conv backward BLOCK_T {bt} < K - 1 = {K - 1}")
+        raise ValueError(f"conv BLOCK_T {bt} < K - 1 = {K - 1}")
     return bt, bd, nb
 
 
-def _blocks(L, D):
-    return min(32, max(triton.next_power_of_2(L), 8)), min(64, max(triton.next_power_of_2(D), 8))
 
 
 class _CausalConvFn(torch.autograd.Function):
@@ -183,12 +183,13 @@ class _CausalConvFn(torch.autograd.Function):
         # the reference rounds the initial state to x's dtype before the conv
         init = initial_state.to(x.dtype).contiguous() if initial_state is not None else None
         y = torch.empty(batch, L, D, device=x.device, dtype=x.dtype)
-        BT, BD = _blocks(L, D)
-        grid = (triton.cdiv(L, BT), triton.cdiv(D, BD), batch)
-        _conv_fwd_kernel[grid](x, weight, bias if bias is not None else weight, init if init is not None else x,
-                               y, L, D, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-                               K=K, HAS_BIAS=bias is not None, HAS_INIT=init is not None, SILU=silu,
-                               BLOCK_T=BT, BLOCK_D=BD, num_warps=4)
+        common = (x, weight, bias if bias is not None else weight, init if init is not None else x, y, L, D)
+        flags = dict(K=K, HAS_BIAS=bias is not None, HAS_INIT=init is not None, SILU=silu)
+        BT, BD, nb = _tiles(L, D, K)
+        nb = max(1, min(nb, triton.cdiv(L, BT)))
+        _conv_fwd_kernel[(triton.cdiv(L, BT * nb), triton.cdiv(D, BD), batch)](
+            *common, nb, x.stride(0), x.stride(1), y.stride(0), y.stride(1), **flags, BLOCK_T=BT, BLOCK_D=BD,
+            num_warps=max(1, BD // 32))
         ctx.save_for_backward(x, weight, bias, init)
         ctx.silu = silu
         ctx.init_dtype = initial_state.dtype if initial_state is not None else None
@@ -205,7 +206,7 @@ class _CausalConvFn(torch.autograd.Function):
         dinit = torch.empty(batch, K - 1, D, device=x.device, dtype=torch.float32) if init is not None else None
         common = (x, weight, bias if bias is not None else weight, init if init is not None else x, dy, dx)
         flags = dict(K=K, HAS_BIAS=bias is not None, HAS_INIT=init is not None, SILU=ctx.silu)
-        BT, BD, nb = _bwd_config(L, D, K)
+        BT, BD, nb = _tiles(L, D, K)
         nb = max(1, min(nb, triton.cdiv(LP, BT)))
         nT = triton.cdiv(LP, BT * nb)
         dw = torch.empty(batch, nT, D, K, device=x.device, dtype=torch.float32)

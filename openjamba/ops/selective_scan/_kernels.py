@@ -95,11 +95,12 @@ def _channel_params(A_ptr, bias_ptr, Dsk_ptr, offs_d, mask_d, nd_offs, mask_nd, 
 @triton.jit
 def scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, Dsk_ptr, z_ptr, bias_ptr, h0_ptr,
-    y_ptr, hlast_ptr, hsave_ptr, hchunk_ptr, dsum_ptr,
+    y_ptr, pre_ptr, hlast_ptr, hsave_ptr, hchunk_ptr, dsum_ptr,
     L, D, n_blocks, n_save, chunk_blocks,
     s_ub, s_ul, s_db, s_dl, s_zb, s_zl, s_Bb, s_Bl, s_Cb, s_Cl, s_yb, s_yl,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_H0: tl.constexpr, SAVE: tl.constexpr, SAVE_T: tl.constexpr, FAST: tl.constexpr, PASS: tl.constexpr,
+    HAS_H0: tl.constexpr, SAVE: tl.constexpr, SAVE_T: tl.constexpr, SAVE_PRE: tl.constexpr, FAST: tl.constexpr,
+    PASS: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, N: tl.constexpr,
 ):
     """PASS 0: the whole sequence in one program per (channel block, batch row).
@@ -167,6 +168,8 @@ def scan_fwd_kernel(
         else:
             ys = tl.sum(H * Ct[:, :, None], axis=1)  # (BT, BD)
             out = ys + Dv[None, :] * u
+            if SAVE_PRE:  # the output before the gate, for the backward's dz (saves recomputing C . h)
+                tl.store(pre_ptr + b * s_yb + rows[:, None] * s_yl + offs_d[None, :], out, mask=m2)
             if HAS_Z:
                 zz = cz.to(tl.float32)
                 out = out * zz * tl.sigmoid(zz)
@@ -181,12 +184,12 @@ def scan_fwd_kernel(
 
 @triton.jit
 def scan_bwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, Dsk_ptr, z_ptr, bias_ptr, hsave_ptr, dy_ptr, dhlast_ptr,
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, Dsk_ptr, z_ptr, bias_ptr, hsave_ptr, dy_ptr, dhlast_ptr, pre_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dBp_ptr, dCp_ptr, dDp_ptr, dbiasp_ptr, dh0_ptr,
     L, D, n_blocks,
     s_ub, s_ul, s_db, s_dl, s_zb, s_zl, s_Bb, s_Bl, s_Cb, s_Cl, s_gb, s_gl,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_DHLAST: tl.constexpr, FAST: tl.constexpr, ATOMIC: tl.constexpr,
+    HAS_DHLAST: tl.constexpr, HAS_PRE: tl.constexpr, FAST: tl.constexpr, ATOMIC: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, N: tl.constexpr,
 ):
     """Reverse walk over blocks. With carry = the gradient reaching a block from later steps:
@@ -223,15 +226,21 @@ def scan_bwd_kernel(
     nxt = _fetch(p_u, p_dl, p_z, p_B, p_C, r0, offs_d, offs_n, mask_d, mask_n, L, s_ul, s_dl, s_zl, s_Bl, s_Cl, HAS_Z)
     m_nx = (r0 < L)[:, None] & mask_d[None, :]
     n_g = tl.load(p_g + r0[:, None] * s_gl + offs_d[None, :], mask=m_nx, other=0.0)
+    p_pre = pre_ptr + b * s_gb
+    n_pre = n_g
+    if HAS_PRE:
+        n_pre = tl.load(p_pre + r0[:, None] * s_gl + offs_d[None, :], mask=m_nx, other=0.0)
     n_h0 = tl.load(hsave_ptr + (b * n_blocks + n_blocks - 1) * N * D + save_offs, mask=mask_nd, other=0.0)
     for j in range(0, n_blocks):
         i = n_blocks - 1 - j
         cu, cdl, cz, cB, cC = nxt
-        c_g, h0 = n_g, n_h0
+        c_g, h0, c_pre = n_g, n_h0, n_pre
         rp = (i - 1) * BLOCK_T + offs_t  # rows of the previous block (negative: masked off)
         nxt = _fetch(p_u, p_dl, p_z, p_B, p_C, rp, offs_d, offs_n, mask_d, mask_n, L, s_ul, s_dl, s_zl, s_Bl, s_Cl, HAS_Z)
         m_p = ((rp >= 0) & (rp < L))[:, None] & mask_d[None, :]
         n_g = tl.load(p_g + rp[:, None] * s_gl + offs_d[None, :], mask=m_p, other=0.0)
+        if HAS_PRE:
+            n_pre = tl.load(p_pre + rp[:, None] * s_gl + offs_d[None, :], mask=m_p, other=0.0)
         n_h0 = tl.load(hsave_ptr + (b * n_blocks + tl.maximum(i - 1, 0)) * N * D + save_offs, mask=mask_nd, other=0.0)
 
         rows = i * BLOCK_T + offs_t
@@ -257,8 +266,10 @@ def scan_bwd_kernel(
         if HAS_Z:
             zz = cz.to(tl.float32)
             sz = tl.sigmoid(zz)
-            ys = tl.sum(H * Ct[:, :, None], axis=1)
-            pre = ys + Dv[None, :] * u
+            if HAS_PRE:
+                pre = c_pre.to(tl.float32)
+            else:
+                pre = tl.sum(H * Ct[:, :, None], axis=1) + Dv[None, :] * u
             dz = g * pre * sz * (1.0 + zz * (1.0 - sz))
             tl.store(dz_ptr + b * s_gb + x_offs, dz, mask=m2)
             dys = g * zz * sz

@@ -6,7 +6,8 @@
 The forward fuses softplus(delta + bias), exp(delta * A), the recurrence, the C contraction, the D skip
 and the silu(z) gate into one pass over the inputs. For training it also saves the fp32 state every
 backward-BLOCK_T steps (4, or 8 on small grids: (B, L / 4, N, D) is a quarter of a (B, L, D, N) fp32
-tensor), and the backward recomputes each block from it. Every input, the initial state included, gets
+tensor) and, with a gate, the gate's input ys + D u (so the backward's dz needs no C . h), and the
+backward recomputes each block from the saved state. Every input, the initial state included, gets
 a gradient; dB and dC, sums over channels, are added atomically across channel programs (so their
 last bits vary from run to run) unless torch's deterministic mode is on. Inputs may be fp32, bf16 or
 fp16 with any strides whose last dimension is contiguous. Tile sizes are the fastest measured on an
@@ -28,6 +29,9 @@ _FAST_EXP = os.environ.get("TRITON_INTERPRET") != "1"
 
 # dB and dC (sums over channels) by atomic adds unless torch's deterministic mode is on
 _ATOMIC_SUMS = True
+# with a gate, the forward stores its input (ys + D u) for the backward instead of the backward
+# recomputing C . h for dz: one (B, L, D) tensor more held for the backward
+_SAVE_PRE = True
 
 # (BLOCK_T, BLOCK_D, num_warps[, maxnreg]) of the forward and of the backward instead of the table
 # below; the benchmark sweeps it. The backward BLOCK_T must divide the forward one: the forward saves
@@ -105,6 +109,9 @@ class _SelectiveScanFn(torch.autograd.Function):
         n_save = triton_cdiv(L, save_t)
         save = ctx.needs_input_grad[:9].count(True) > 0
         y = torch.empty(batch, L, D, device=u.device, dtype=u.dtype)
+        # the gate's input (ys + D u), kept for the backward when there is a gate
+        save_pre = _SAVE_PRE and save and z is not None
+        pre = torch.empty(batch, L, D, device=u.device, dtype=u.dtype) if save_pre else None
         hlast = torch.empty(batch, D, N, device=u.device, dtype=torch.float32)
         hsave = torch.empty(batch, n_save if save else 1, N, D, device=u.device, dtype=torch.float32)
         h0 = initial_state.float().contiguous() if initial_state is not None else None
@@ -119,11 +126,12 @@ class _SelectiveScanFn(torch.autograd.Function):
             scan_fwd_kernel[(n_pd, batch, n_chunks)](
                 u, delta, A, B, C, D_skip if D_skip is not None else dummy, zz,
                 delta_bias if delta_bias is not None else dummy, h0 if h0 is not None else dummy,
-                y, hlast, hsave, hchunk, dsum, L, D, n_blocks, n_save, chunk_blocks,
+                y, pre if pre is not None else y, hlast, hsave, hchunk, dsum, L, D, n_blocks, n_save, chunk_blocks,
                 u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), zz.stride(0), zz.stride(1),
                 B.stride(0), B.stride(1), C.stride(0), C.stride(1), y.stride(0), y.stride(1),
                 HAS_D=D_skip is not None, HAS_Z=z is not None and pass_ != 1, HAS_BIAS=delta_bias is not None,
                 SOFTPLUS=bool(delta_softplus), HAS_H0=h0 is not None, SAVE=save and pass_ != 1, SAVE_T=save_t,
+                SAVE_PRE=save_pre and pass_ != 1,
                 FAST=_FAST_EXP, PASS=pass_, BLOCK_T=BT, BLOCK_D=BD, BLOCK_N=BN, N=N, **_launch_options(warps, maxnreg),
             )
 
@@ -140,7 +148,7 @@ class _SelectiveScanFn(torch.autograd.Function):
                 hstart[:, c] = torch.addcmul(hend[:, c - 1], decay[:, c - 1], hstart[:, c - 1])
             launch(2, hstart, dsum)
         if save:
-            ctx.save_for_backward(u, delta, A, B, C, D_skip, z, delta_bias, hsave)
+            ctx.save_for_backward(u, delta, A, B, C, D_skip, z, delta_bias, hsave, pre)
             ctx.softplus = bool(delta_softplus)
             ctx.save_t = save_t
             ctx.has_h0 = initial_state is not None
@@ -149,7 +157,7 @@ class _SelectiveScanFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, dhlast):
-        u, delta, A, B, C, D_skip, z, delta_bias, hsave = ctx.saved_tensors
+        u, delta, A, B, C, D_skip, z, delta_bias, hsave, pre = ctx.saved_tensors
         batch, L, D = u.shape
         N = A.shape[1]
         BT, BD, BN, warps, maxnreg = _config(N, D, backward=True, batch=batch, device=u.device)
@@ -178,12 +186,12 @@ class _SelectiveScanFn(torch.autograd.Function):
         scan_bwd_kernel[(n_pd, batch)](
             u, delta, A, B, C, D_skip if D_skip is not None else dummy, zz,
             delta_bias if delta_bias is not None else dummy, hsave, dy,
-            dhlast.contiguous() if dhlast is not None else dummy,
+            dhlast.contiguous() if dhlast is not None else dummy, pre if pre is not None else dy,
             du, ddelta, dz, dA, dBp, dCp, dDp, dbiasp, dh0, L, D, triton_cdiv(L, BT),
             u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), zz.stride(0), zz.stride(1),
             B.stride(0), B.stride(1), C.stride(0), C.stride(1), du.stride(0), du.stride(1),
             HAS_D=D_skip is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-            SOFTPLUS=ctx.softplus, HAS_DHLAST=dhlast is not None,
+            SOFTPLUS=ctx.softplus, HAS_DHLAST=dhlast is not None, HAS_PRE=pre is not None,
             FAST=_FAST_EXP, ATOMIC=atomic, BLOCK_T=BT, BLOCK_D=BD, BLOCK_N=BN, N=N,
             **_launch_options(warps, maxnreg),
         )
