@@ -95,9 +95,9 @@ def _conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, init_ptr, y_ptr, L, D, n_blk, s_xb,
 
 @triton.jit
 def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, init_ptr, dy_ptr, dx_ptr, dinit_ptr, dw_ptr, db_ptr,
-                         L, D, n_blk, s_xb, s_xl, s_gb, s_gl, s_ob, s_ol,
-                         K: tl.constexpr, KP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr,
-                         SILU: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+                     L, D, n_blk, s_xb, s_xl, s_gb, s_gl, s_ob, s_ol,
+                     K: tl.constexpr, KP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr,
+                     SILU: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     """Walks a chunk of n_blk blocks of BLOCK_T rows forward in time. Block rows r carry
     dpre_r = dy_r silu'(pre_r); the x-row s = r - (K-1) gets d(input)_s = sum_m w_{K-1-m} dpre_{s+m}.
     The K-1 rows before each block (its x inputs and dpre) are the previous block's, kept in registers
@@ -166,12 +166,11 @@ def _tiles(L, D, K) -> tuple[int, int, int]:
     """(BLOCK_T, BLOCK_D, blocks per chunk): one channel per thread (BLOCK_D / 32 warps), 8 rows per
     block, 128-row chunks; the backward's fastest in a sweep on the H200 (benchmarks/KERNEL_NOTES.md).
     A block must cover the K - 1 rows reached back."""
-    bt, bd, nb = TILES_OVERRIDE or (max(8, triton.next_power_of_2(K - 1)), min(128, max(32, triton.next_power_of_2(D))), 16)
+    default = (max(8, triton.next_power_of_2(K - 1)), min(128, max(32, triton.next_power_of_2(D))), 16)
+    bt, bd, nb = TILES_OVERRIDE or default
     if bt < K - 1:
         raise ValueError(f"conv BLOCK_T {bt} < K - 1 = {K - 1}")
     return bt, bd, nb
-
-
 
 
 class _CausalConvFn(torch.autograd.Function):
