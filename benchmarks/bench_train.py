@@ -78,20 +78,22 @@ def run_variant(name: str, args, device: torch.device) -> dict:
 
     runner = StepRunner(model, optimizer, config, cfg, cfg.train.precision, dist)
     pending = []
+    last_loss = [float("nan")]
+
+    def settle():
+        while pending:
+            last_loss[0] = runner.finish(pending.pop())[0]
 
     def step():
         """One step as the trainer runs it; in deferred mode the previous step's loss is read meanwhile."""
         launched = runner.launch([batch], cfg.optim.lr)
-        while pending:
-            runner.finish(pending.pop())
-        if runner.deferred:
-            pending.append(launched)
-        else:
-            runner.finish(launched)
+        settle()
+        pending.append(launched)
+        if not runner.deferred:
+            settle()
 
     def drain():
-        while pending:
-            runner.finish(pending.pop())
+        settle()
         if device.type == "cuda":
             torch.cuda.synchronize()
 
@@ -111,8 +113,6 @@ def run_variant(name: str, args, device: torch.device) -> dict:
             break
     drain()
     step_s = (time.perf_counter() - t0) / n
-    loss = runner.finish(runner.launch([batch], cfg.optim.lr))[0]
-    drain()
     profile = profile_kernels(lambda: (step(), drain()), args.profile) if args.profile and device.type == "cuda" \
         else None
     tokens = args.batch * args.seq
@@ -123,7 +123,7 @@ def run_variant(name: str, args, device: torch.device) -> dict:
         "fused_adamw": bool(optimizer.defaults.get("fused")),
         "activation_checkpointing": cfg.train.activation_checkpointing,
         "steps_timed": n, "warmup_s": round(warmup_s, 2), "step_ms": step_s * 1e3, "deferred_check": runner.deferred,
-        "tokens_per_s": tps, "loss": float(loss),
+        "tokens_per_s": tps, "loss": last_loss[0],
         "mfu_vs_989": tps * fpt / H200_BF16_PEAK, "mfu_vs_792": tps * fpt / H200_BF16_MEASURED,
         "vs_transformers_mamba_ssm": tps / BASELINE_TOKENS_PER_S,
         "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None,

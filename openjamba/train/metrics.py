@@ -43,7 +43,6 @@ class Probes:
         # step captured in a CUDA graph keeps updating them when it is replayed (hooks do not run then).
         self.counts: dict[int, torch.Tensor] = {}
         self.max_act: torch.Tensor | None = None
-        self.fresh = True  # nothing accumulated since the last read
         layers = getattr(getattr(model, "model", None), "layers", None)
         self.handles = [layer.register_forward_hook(self._hook(i)) for i, layer in enumerate(layers or [])]
 
@@ -64,16 +63,13 @@ class Probes:
                     self.counts[i] = torch.zeros(probs.shape[-1], device=idx.device, dtype=torch.float32)
                 # scatter_add keeps a static shape (bincount's would depend on the data), compile-friendly.
                 self.counts[i].scatter_add_(0, idx, torch.ones_like(idx, dtype=torch.float32))
-            self.fresh = False
         return hook
 
-    def read(self, stepped: bool = False) -> dict[str, float]:
+    def read(self) -> dict[str, float]:
         """expert_load_max / expert_load_min: the largest and smallest fraction of assignments any expert got
         in any MoE layer (uniform = 1 / num_experts); max_activation: largest |h| since the last read.
-        `stepped`: training forwards ran since the last read without the hooks (replayed CUDA graphs)."""
+        Empty before the first training forward."""
         out = {}
-        if self.fresh and not stepped:
-            return out
         if self.counts:
             fractions = torch.stack([c / c.sum().clamp(min=1) for c in self.counts.values()])
             out["expert_load_max"] = float(fractions.max())
@@ -83,7 +79,6 @@ class Probes:
         if self.max_act is not None:
             out["max_activation"] = float(self.max_act)
             self.max_act.zero_()
-        self.fresh = True
         return out
 
     def remove(self) -> None:

@@ -148,6 +148,14 @@ def grad_norm_and_clip(model, max_norm: float, dist) -> torch.Tensor:
     return torch.nn.utils.clip_grad_norm_(params, limit)
 
 
+def loss_and_norm(model, batches: list[torch.Tensor], config: JambaConfig, cfg: TrainConfig, precision: str,
+                  dist) -> torch.Tensor:
+    """forward_backward then grad_norm_and_clip: stack(mean cross-entropy, gradient norm) on the device."""
+    loss = forward_backward(model, batches, config, cfg, precision, dist.device)
+    norm = grad_norm_and_clip(model, cfg.optim.grad_clip, dist)
+    return torch.stack([loss.float(), norm.float().to(loss.device)])
+
+
 class GraphedStep:
     """forward_backward + grad_norm_and_clip captured once as a CUDA graph and replayed every step.
 
@@ -183,9 +191,7 @@ class GraphedStep:
         returns stack(loss, grad norm)."""
         self.side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.side):
-            loss = forward_backward(self.model, batches, self.config, self.cfg, self.precision, self.dist.device)
-            norm = grad_norm_and_clip(self.model, self.cfg.optim.grad_clip, self.dist)
-            check = torch.stack([loss.float(), norm.float()])
+            check = loss_and_norm(self.model, batches, self.config, self.cfg, self.precision, self.dist)
         torch.cuda.current_stream().wait_stream(self.side)
         return check
 
@@ -197,9 +203,7 @@ class GraphedStep:
         torch.cuda.empty_cache()  # the warm-up steps' cached blocks would sit beside the graph's own pool
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            loss = forward_backward(self.model, self.static, self.config, self.cfg, self.precision, self.dist.device)
-            norm = grad_norm_and_clip(self.model, self.cfg.optim.grad_clip, self.dist)
-            self.check = torch.stack([loss.float(), norm.float()])
+            self.check = loss_and_norm(self.model, self.static, self.config, self.cfg, self.precision, self.dist)
 
     def replay(self, batches: list[torch.Tensor]) -> torch.Tensor:
         for dst, src in zip(self.static, batches):
@@ -242,18 +246,19 @@ class StepRunner:
             if not g.captured:
                 g.capture(batches)
             return g.replay(batches)
-        loss = forward_backward(self.model, batches, self.config, self.cfg, self.precision, self.dist.device)
-        norm = grad_norm_and_clip(self.model, self.cfg.optim.grad_clip, self.dist)
-        check = torch.stack([loss.float(), norm.float().to(loss.device)])
+        check = loss_and_norm(self.model, batches, self.config, self.cfg, self.precision, self.dist)
         if self.dist.world_size > 1:
             check = distributed.all_reduce_mean(check, self.dist)
         return check
 
+    def _drop_grads(self) -> None:
+        if self.graphed is None or not self.graphed.captured:  # a replay overwrites the captured gradients
+            self.optimizer.zero_grad(set_to_none=True)
+
     def _update(self, lr: float) -> None:
         set_lr(self.optimizer, lr)
         self.optimizer.step()
-        if self.graphed is None or not self.graphed.captured:  # a replay overwrites the captured gradients
-            self.optimizer.zero_grad(set_to_none=True)
+        self._drop_grads()
 
     def launch(self, batches: list[torch.Tensor], lr: float) -> dict:
         """Queue one step; `finish` it (now or, when deferred, after launching the next)."""
@@ -278,8 +283,8 @@ class StepRunner:
         finite = math.isfinite(loss_v) and math.isfinite(norm_v)
         if finite:
             self._update(launched["lr"])
-        elif self.graphed is None or not self.graphed.captured:
-            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self._drop_grads()
         return loss_v, norm_v, finite
 
 
@@ -479,8 +484,7 @@ def _train(cfg: TrainConfig, resume: bool, model: JambaForCausalLM | None) -> di
                 tps = window_steps * tokens_per_step / max(elapsed, 1e-9)
                 record = {"step": step, "split": "train", "loss": loss_v, "lr": lr, "grad_norm": norm_v,
                           "tokens": tokens, "tokens_per_s": tps, "skipped": skipped_total,
-                          "elapsed_s": time.perf_counter() - start_time,
-                          **probes.read(stepped=runner.graphed is not None and runner.graphed.captured)}
+                          "elapsed_s": time.perf_counter() - start_time, **probes.read()}
                 if dist.device.type == "cuda":
                     record["mfu"] = mfu(tps / dist.world_size, config, cfg.data.seq_len)
                     record["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9

@@ -33,21 +33,36 @@ def _shifted(cur, prev, offs_t, k: tl.constexpr, BLOCK_T: tl.constexpr):
 
 
 @triton.jit
-def _tap_rows(x_ptr, init_ptr, b, r0, offs_t, offs_d, mask_d, L, D, K1, s_xb, s_xl, HAS_INIT: tl.constexpr,
-              BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Inputs at x-rows r0 .. r0 + BLOCK_T - 1 as fp32 (BLOCK_T, BLOCK_D), rows -(K-1)..-1 from the initial
-    state and zeros outside. Loaded one row at a time: one channel per lane and the rows inside each thread
-    (the layout the row shifts need; a 2-D load would be vectorised across channels)."""
+def _load_rows(base, r0, s_l, n_rows, offs_t, offs_d, mask_d, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows r0 .. r0 + BLOCK_T - 1 of a (n_rows, D) slab at `base` (row stride s_l) as fp32 (BLOCK_T,
+    BLOCK_D), zeros outside [0, n_rows). Loaded one row at a time: one channel per lane and the rows inside
+    each thread (the layout the row shifts need; a 2-D load would be vectorised across channels)."""
     v = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     for i in tl.static_range(BLOCK_T):
         r = r0 + i + 0 * offs_d  # as a vector: a scalar-valued mask is not accepted everywhere
-        xr = tl.load(x_ptr + b * s_xb + r * s_xl + offs_d, mask=mask_d & (r >= 0) & (r < L), other=0.0)
-        xr = xr.to(tl.float32)
-        if HAS_INIT:
-            ri = r + K1
-            xr += tl.load(init_ptr + (b * K1 + ri) * D + offs_d, mask=mask_d & (r < 0) & (ri >= 0),
-                          other=0.0).to(tl.float32)
-        v = tl.where(offs_t[:, None] == i, xr[None, :], v)
+        row = tl.load(base + r * s_l + offs_d, mask=mask_d & (r >= 0) & (r < n_rows), other=0.0)
+        v = tl.where(offs_t[:, None] == i, row.to(tl.float32)[None, :], v)
+    return v
+
+
+@triton.jit
+def _store_rows(base, r0, s_l, n_rows, tile, offs_t, offs_d, mask_d, BLOCK_T: tl.constexpr):
+    """Rows of `tile` to rows r0 .. r0 + BLOCK_T - 1 of a (n_rows, D) slab, those inside [0, n_rows) only,
+    one row at a time (for the same reason as _load_rows)."""
+    for i in tl.static_range(BLOCK_T):
+        r = r0 + i + 0 * offs_d
+        row = tl.sum(tl.where(offs_t[:, None] == i, tile, -0.0), axis=0)
+        tl.store(base + r * s_l + offs_d, row, mask=mask_d & (r >= 0) & (r < n_rows))
+
+
+@triton.jit
+def _tap_rows(x_ptr, init_ptr, b, r0, offs_t, offs_d, mask_d, L, D, K1, s_xb, s_xl, HAS_INIT: tl.constexpr,
+              BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Inputs at x-rows r0 .. r0 + BLOCK_T - 1, rows -(K-1)..-1 from the initial state (its rows 0..K-2),
+    zeros outside."""
+    v = _load_rows(x_ptr + b * s_xb, r0, s_xl, L, offs_t, offs_d, mask_d, BLOCK_T, BLOCK_D)
+    if HAS_INIT:
+        v += _load_rows(init_ptr + b * K1 * D, r0 + K1, D, K1, offs_t, offs_d, mask_d, BLOCK_T, BLOCK_D)
     return v
 
 
@@ -127,11 +142,7 @@ def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, init_ptr, dy_ptr, dx_ptr, dinit_ptr
                           BLOCK_T, BLOCK_D)
         pre = _pre_act(x_cur, x_prev, w_ptr, bias, offs_t, offs_d, mask_d, K, BLOCK_T)
         valid = ((rows >= 0) & (rows < L))[:, None] & mask_d[None, :]
-        g = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-        for t in tl.static_range(BLOCK_T):
-            r = rb + t + 0 * offs_d
-            gr = tl.load(dy_ptr + b * s_gb + r * s_gl + offs_d, mask=mask_d & (r >= 0) & (r < L), other=0.0)
-            g = tl.where(offs_t[:, None] == t, gr.to(tl.float32)[None, :], g)
+        g = _load_rows(dy_ptr + b * s_gb, rb, s_gl, L, offs_t, offs_d, mask_d, BLOCK_T, BLOCK_D)
         if SILU:
             sg = tl.sigmoid(pre)
             g = g * sg * (1.0 + pre * (1.0 - sg))
@@ -141,12 +152,10 @@ def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, init_ptr, dy_ptr, dx_ptr, dinit_ptr
             for m in tl.static_range(K):
                 w = tl.load(w_ptr + offs_d * K + (K - 1 - m), mask=mask_d, other=0.0).to(tl.float32)
                 dxa += w[None, :] * _shifted(g, g_prev, offs_t, K - 1 - m, BLOCK_T)
-            for t in tl.static_range(BLOCK_T):  # row by row, for the same reason as the loads
-                s_row = rb + t - (K - 1) + 0 * offs_d
-                dxr = tl.sum(tl.where(offs_t[:, None] == t, dxa, -0.0), axis=0)
-                tl.store(dx_ptr + b * s_ob + s_row * s_ol + offs_d, dxr, mask=mask_d & (s_row >= 0) & (s_row < L))
-                if HAS_INIT:
-                    tl.store(dinit_ptr + (b * (K - 1) + s_row + K - 1) * D + offs_d, dxr, mask=mask_d & (s_row < 0))
+            s0 = rb - (K - 1)  # x-row of the block's first row; x-rows -(K-1)..-1 are the initial state's
+            _store_rows(dx_ptr + b * s_ob, s0, s_ol, L, dxa, offs_t, offs_d, mask_d, BLOCK_T)
+            if HAS_INIT:
+                _store_rows(dinit_ptr + b * (K - 1) * D, s0 + K - 1, D, K - 1, dxa, offs_t, offs_d, mask_d, BLOCK_T)
             for j in tl.static_range(K):
                 part = tl.sum(g * _shifted(x_cur, x_prev, offs_t, K - 1 - j, BLOCK_T), axis=0)
                 dw_acc += tl.where(offs_k[:, None] == j, part[None, :], 0.0)
