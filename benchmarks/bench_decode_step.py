@@ -27,13 +27,16 @@ from openjamba.inference.engine import capture_step
 
 # candidate tiles per kernel family for one row (the GEMV form); the first of each is the default
 GEMV_CANDIDATES = {
-    "ffn_up": [dict(BF=16, BK=512, warps=4), dict(BF=8, BK=1024, warps=4), dict(BF=16, BK=1024, warps=8),
-               dict(BF=32, BK=256, warps=4), dict(BF=32, BK=512, warps=8)],
-    "down": [dict(BH=4, BF=2048, warps=4), dict(BH=8, BF=1024, warps=4), dict(BH=8, BF=2048, warps=8),
-             dict(BH=4, BF=1024, warps=4)],
-    "mamba_in": [dict(BD=16, BK=1024, warps=8), dict(BD=16, BK=512, warps=4), dict(BD=32, BK=512, warps=8)],
-    "norm_linear": [dict(BN=8, BK=1024, warps=4), dict(BN=16, BK=512, warps=4), dict(BN=16, BK=1024, warps=8)],
-    "mamba_ssm": [dict(BD=16, warps=4), dict(BD=32, warps=4), dict(BD=16, warps=2)],
+    "mamba_in": [dict(BD=16, BK=1024, warps=4), dict(BD=16, BK=1024, warps=8), dict(BD=8, BK=1024, warps=4),
+                 dict(BD=16, BK=512, warps=4), dict(BD=32, BK=1024, warps=8)],
+    "down": [dict(BH=4, BF=4096, warps=4), dict(BH=4, BF=4096, warps=8), dict(BH=2, BF=4096, warps=4),
+             dict(BH=8, BF=2048, warps=8), dict(BH=4, BF=2048, warps=4)],
+    "down_moe": [dict(BH=2, BF=4096, warps=4), dict(BH=4, BF=4096, warps=8), dict(BH=2, BF=2048, warps=4),
+                 dict(BH=1, BF=4096, warps=4)],
+    "ffn_up": [dict(BF=8, BK=1024, warps=4), dict(BF=16, BK=1024, warps=8), dict(BF=4, BK=1024, warps=4),
+               dict(BF=16, BK=512, warps=4)],
+    "norm_linear": [dict(BN=8, BK=1024, warps=4), dict(BN=16, BK=1024, warps=8), dict(BN=4, BK=1024, warps=4)],
+    "mamba_ssm": [dict(BD=16, warps=4), dict(BD=32, warps=4), dict(BD=16, warps=2), dict(BD=8, warps=2)],
 }
 
 

@@ -40,12 +40,15 @@ GEMV_MAX_ROWS = 1
 # Tile sizes and warps per kernel: (GEMV form for batch <= GEMV_MAX_ROWS, tl.dot form), the fastest
 # measured on an H200 for the jamba-1b preset at batch 1 and 16 (benchmarks/KERNEL_NOTES.md).
 # `FusedDecodeStep(..., tiles=...)` overrides entries. The dot form needs tiles of 16 at least.
+# GEMV reduction tiles are cut to the next power of two of the reduction length, so that at jamba-1b sizes a
+# program's whole share of a weight is one tile, read before the wait on the previous kernel.
 TILES = {
     "norm_linear": (dict(BN=8, BK=1024, warps=4), dict(BN=64, BK=128, warps=4)),
-    "mamba_in": (dict(BD=16, BK=512, warps=4), dict(BD=32, BK=128, warps=4)),
+    "mamba_in": (dict(BD=16, BK=1024, warps=4), dict(BD=32, BK=128, warps=4)),
     "mamba_ssm": (dict(BD=16, warps=4), dict(BD=64, warps=4)),
     "ffn_up": (dict(BF=8, BK=1024, warps=4), dict(BF=64, BK=128, warps=4)),
-    "down": (dict(BH=4, BF=2048, warps=4), dict(BH=16, BF=512, warps=4)),
+    "down": (dict(BH=4, BF=4096, warps=4), dict(BH=16, BF=512, warps=4)),
+    "down_moe": (dict(BH=2, BF=4096, warps=4), dict(BH=16, BF=512, warps=4)),
 }
 
 
@@ -97,7 +100,7 @@ class FusedDecodeStep:
 
     def __init__(self, model, batch_size: int, tiles: dict | None = None, pdl: bool | None = None):
         """tiles: per-kernel overrides of TILES. pdl: launch with programmatic dependent launch; None: for the
-        GEMV form where the device supports it (on an H200: 0.545 vs 0.626 ms per jamba-1b token at batch 1, but
+        GEMV form where the device supports it (on an H200: 0.485 vs 0.62 ms per jamba-1b token at batch 1, but
         1.141 vs 1.054 ms in the tensor-core form at batch 16); True where the device cannot is an error."""
         reason = fused_unavailable(model, batch_size)
         if reason:
@@ -122,6 +125,8 @@ class FusedDecodeStep:
         self.H, self.Di, self.N, self.R = c.hidden_size, c.mamba_inner_size, c.mamba_d_state, c.mamba_dt_rank
         self.F, self.X, self.K = c.intermediate_size, c.num_experts, c.num_experts_per_tok
         self.NX = self.R + 2 * self.N
+        # one row (the GEMV form): MoE kernels index the experts it picked by slot (top-k of them, padded)
+        self.slots = 0 if self.dot else _pow2(self.K, 1)
         self.NP = -(-self.Di // self.tiles["mamba_in"]["BD"])  # x_proj partial sums, one per mamba_in block
         self.u = torch.empty(batch_size, self.Di, device=dev, dtype=dt)
         self.z = torch.empty_like(self.u)
@@ -131,12 +136,12 @@ class FusedDecodeStep:
         self.act = torch.empty(X, batch_size, self.F, device=dev, dtype=dt)
         self.wsel = torch.empty(X, batch_size, device=dev, dtype=torch.float32)
 
-    def _k(self, bk: int, wrows: int) -> int:
-        """The reduction tile for this batch. GEMV tiles hold rows x wrows x tile products in registers, so
-        they shrink as rows are added; dot tiles stage (rows + wrows) x tile operands in shared memory
-        (3 stages), so they are capped to about 200 KB of it."""
+    def _k(self, bk: int, wrows: int, k: int) -> int:
+        """The reduction tile for this batch and reduction length k. GEMV tiles hold rows x wrows x tile
+        products in registers, so they shrink as rows are added (and never pass pow2(k)); dot tiles stage
+        (rows + wrows) x tile operands in shared memory (3 stages), so they are capped to about 200 KB of it."""
         if not self.dot:
-            return max(16, bk // self.BB)
+            return max(16, min(bk // self.BB, _pow2(k)))
         cap = 65536 // (self.elsize * (self.BB + wrows))
         return max(16, min(bk, 1 << (cap.bit_length() - 1)))
 
@@ -148,19 +153,19 @@ class FusedDecodeStep:
         out = torch.empty(self.B, Nout, device=h.device, dtype=h.dtype) if out is None else out
         self.fk.norm_linear_kernel[(-(-Nout // t["BN"]),)](
             h, h.stride(0), norm.weight, norm.eps, weight, bias if bias is not None else weight, out, out.stride(0),
-            self.B, self.H, Nout, HAS_BIAS=bias is not None, BB=self.BB, BN=t["BN"], BK=self._k(t["BK"], t["BN"]),
+            self.B, self.H, Nout, HAS_BIAS=bias is not None, BB=self.BB, BN=t["BN"], BK=self._k(t["BK"], t["BN"], self.H),
             IEEE=self.ieee, DOT=self.dot, PDL=self.pdl, num_warps=t["warps"], launch_pdl=self.pdl)
         return out
 
     def down_residual(self, h, act, weight, bias=None, routed=False, X=1):
         """h += act @ weight^T (+ bias), in place; routed: the MoE's weighted sum over experts."""
-        t = self.tiles["down"]
+        t = self.tiles["down_moe" if routed else "down"]
         F = weight.shape[-1]
         self.fk.down_residual_kernel[(-(-self.H // t["BH"]),)](
             act, weight, weight.stride(0) if routed else 0, bias if bias is not None else weight, self.wsel, h,
-            h.stride(0), self.B, self.H, F, X, ROUTED=routed, HAS_BIAS=bias is not None, BB=self.BB, BH=t["BH"],
-            BF=self._k(t["BF"], t["BH"]), IEEE=self.ieee, DOT=self.dot, PDL=self.pdl, num_warps=t["warps"],
-            launch_pdl=self.pdl)
+            h.stride(0), self.B, self.H, F, X, ROUTED=routed, SP=self.slots if routed else 0, BXP=_pow2(X, 2),
+            HAS_BIAS=bias is not None, BB=self.BB, BH=t["BH"], BF=self._k(t["BF"], t["BH"], F), IEEE=self.ieee,
+            DOT=self.dot, PDL=self.pdl, num_warps=t["warps"], launch_pdl=self.pdl)
 
     def partials_tile(self) -> int:
         """x_proj partial sums mamba_ssm reduces at a time: all of them where the (partials x columns) tile
@@ -176,8 +181,9 @@ class FusedDecodeStep:
             m.in_proj.bias if m.in_proj.bias is not None else m.in_proj.weight, conv, conv.stride(0), conv.stride(1),
             m.conv1d.weight, m.conv1d.bias if m.conv1d.bias is not None else m.conv1d.weight, m.x_proj.weight,
             self.u, self.z, self.xpart, self.B, self.H, self.Di, self.NX,
-            HAS_BIN=m.in_proj.bias is not None, HAS_CB=m.conv1d.bias is not None, KC=m.d_conv, NU=self.NP,
-            BB=self.BB, BD=t1["BD"], BK=self._k(t1["BK"], t1["BD"]), BX=_pow2(self.NX), IEEE=self.ieee, DOT=self.dot,
+            HAS_BIN=m.in_proj.bias is not None, HAS_CB=m.conv1d.bias is not None, KC=m.d_conv,
+            KP=_pow2(m.d_conv - 1, 1), NU=self.NP, BB=self.BB, BD=t1["BD"], BK=self._k(t1["BK"], t1["BD"], self.H),
+            BX=_pow2(self.NX), IEEE=self.ieee, DOT=self.dot,
             PDL=self.pdl, num_warps=t1["warps"], launch_pdl=self.pdl)
         fk.mamba_ssm_kernel[(-(-self.Di // t2["BD"]), self.B)](
             self.xpart, self.u, self.z, m.dt_proj.weight, m.dt_proj.bias, m.A_log, m.D, m.dt_layernorm.weight,
@@ -241,10 +247,11 @@ class FusedDecodeStep:
         else:
             X, routed = 1, False
             wg, wu, wd, s_up = ff.gate_proj.weight, ff.up_proj.weight, ff.down_proj.weight, 0
-        self.fk.ffn_up_kernel[(-(-self.F // t["BF"]), X)](
-            h, h.stride(0), norm.weight, norm.eps, wg, wu, s_up, self.act, self.wsel, self.B, self.H, self.F,
-            ROUTED=routed, BB=self.BB, BF=t["BF"], BK=self._k(t["BK"], 2 * t["BF"]), IEEE=self.ieee, DOT=self.dot,
-            PDL=self.pdl, num_warps=t["warps"], launch_pdl=self.pdl)
+        sp = self.slots if routed else 0  # one row: a program per F block and picked expert, not per expert
+        self.fk.ffn_up_kernel[(-(-self.F // t["BF"]), self.K if sp else X)](
+            h, h.stride(0), norm.weight, norm.eps, wg, wu, s_up, self.act, self.wsel, self.B, self.H, self.F, X,
+            ROUTED=routed, SP=sp, BXP=_pow2(X, 2), BB=self.BB, BF=t["BF"], BK=self._k(t["BK"], 2 * t["BF"], self.H),
+            IEEE=self.ieee, DOT=self.dot, PDL=self.pdl, num_warps=t["warps"], launch_pdl=self.pdl)
         self.down_residual(h, self.act, wd, routed=routed, X=X)
 
     # ------------------------------------------------------------------ the step

@@ -23,9 +23,13 @@ add), so the fused step follows the eager step closely in bf16 and matches it in
 order is the RMSNorm, whose 1/rms row scale is applied after the matmul it feeds (see _matmul).
 
 PDL (programmatic dependent launch, compute capability >= 9): each kernel may start while the previous one
-finishes. It first loads the weights it needs (data no kernel of the step writes), then waits for the
-previous kernel (_after_previous_kernel), so the weight stream of one kernel overlaps the tail of the one
-before it. A MoE's expert weights depend on the routing, so they are read after the wait.
+finishes. It first loads what the previous kernel does not write (its weights, its layer's conv or SSM
+state, the residual stream, the routing of two kernels back), then waits for the previous kernel
+(_after_previous_kernel), so the weight stream of one kernel overlaps the tail of the one before it and
+after the wait only the previous kernel's outputs are still to be read: one round trip. When a kernel
+launches, every kernel before the previous one has finished, because the previous one launched it only
+after its own wait (see _after_previous_kernel); loads of data those kernels wrote bypass L1 (".cg").
+ffn_up's expert weights depend on the routing computed just before it, so they are read after the wait.
 """
 
 from __future__ import annotations
@@ -140,13 +144,14 @@ def norm_linear_kernel(h_ptr, s_hb, nw_ptr, eps, w_ptr, bias_ptr, y_ptr, s_yb, B
 def mamba_in_kernel(
     h_ptr, s_hb, nw_ptr, eps, win_ptr, bin_ptr, conv_ptr, s_cb, s_ck, cw_ptr, cb_ptr, wx_ptr,
     u_ptr, z_ptr, xpart_ptr, B, H, Di, NX,
-    HAS_BIN: tl.constexpr, HAS_CB: tl.constexpr, KC: tl.constexpr, NU: tl.constexpr,
+    HAS_BIN: tl.constexpr, HAS_CB: tl.constexpr, KC: tl.constexpr, KP: tl.constexpr, NU: tl.constexpr,
     BB: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr, BX: tl.constexpr, IEEE: tl.constexpr,
     DOT: tl.constexpr, PDL: tl.constexpr,
 ):
     """Programs [0, NU): BD channels of u = in_proj(RMSNorm(h))[:, :Di], the conv update of those channels
     (conv state (B, KC-1, Di) shifted in place) + SiLU -> u (B, Di), and their share of x_proj:
-    xpart[p] (B, NX) fp32. Programs [NU, 2 NU): BD channels of z = in_proj(...)[:, Di:] -> z (B, Di)."""
+    xpart[p] (B, NX) fp32. Programs [NU, 2 NU): BD channels of z = in_proj(...)[:, Di:] -> z (B, Di).
+    KP: the KC - 1 conv state rows padded to a power of two."""
     pid = tl.program_id(0)
     rows = tl.arange(0, BB)
     rmask = rows < B
@@ -156,27 +161,32 @@ def mamba_in_kernel(
         ds = d0 + tl.arange(0, BD)
         dmask = ds < Di
         xs = tl.arange(0, BX)
-        # weights first: this block's in_proj tile and its x_proj columns (NX, Di)[:, ds] as (BX, BD)
+        # before the wait: this block's in_proj tile, its x_proj columns (NX, Di)[:, ds] as (BX, BD), the conv
+        # weights and the conv state rows (BB, KP, BD) (last written by this kernel a token ago)
         w0 = _w_tile(win_ptr, H, d0, Di, 0, H, BD, BK)
         wx = tl.load(wx_ptr + xs[:, None] * Di + ds[None, :], mask=(xs[:, None] < NX) & dmask[None, :], other=0.0)
+        m2 = rmask[:, None] & dmask[None, :]
+        js = tl.arange(0, KP)
+        jmask = js < KC - 1
+        m3 = rmask[:, None, None] & jmask[None, :, None] & dmask[None, None, :]
+        s_ptrs = conv_ptr + rows[:, None, None] * s_cb + js[None, :, None] * s_ck + ds[None, None, :]
+        cstate = tl.load(s_ptrs, mask=m3, other=0.0, cache_modifier=".cg")
+        cw = tl.load(cw_ptr + ds[None, :] * KC + js[:, None], mask=jmask[:, None] & dmask[None, :], other=0.0)
+        cw_x = tl.load(cw_ptr + ds * KC + (KC - 1), mask=dmask, other=0.0).to(tl.float32)
+        bias = tl.zeros((BD,), tl.float32)
+        if HAS_CB:
+            bias = tl.load(cb_ptr + ds, mask=dmask, other=0.0).to(tl.float32)
         _after_previous_kernel(PDL)
         acc = _matmul(h_ptr, s_hb, nw_ptr, eps, w0, win_ptr, H, d0, Di, B, H, BB, BD, BK, True, IEEE, DOT)
         if HAS_BIN:
             acc += tl.load(bin_ptr + ds, mask=dmask, other=0.0).to(tl.float32)[None, :]
         x = acc.to(dt).to(tl.float32)  # in_proj output in the model dtype
-        m2 = rmask[:, None] & dmask[None, :]
         # causal conv over [state_0 .. state_{KC-2}, x], then the state shifts left by one
-        y = tl.zeros((BB, BD), tl.float32)
-        for j in tl.static_range(KC - 1):
-            sj = tl.load(conv_ptr + rows[:, None] * s_cb + j * s_ck + ds[None, :], mask=m2, other=0.0).to(tl.float32)
-            y += sj * tl.load(cw_ptr + ds * KC + j, mask=dmask, other=0.0).to(tl.float32)[None, :]
-            if j > 0:
-                tl.store(conv_ptr + rows[:, None] * s_cb + (j - 1) * s_ck + ds[None, :], sj.to(dt), mask=m2)
-        y += x * tl.load(cw_ptr + ds * KC + (KC - 1), mask=dmask, other=0.0).to(tl.float32)[None, :]
+        y = tl.sum(cstate.to(tl.float32) * cw.to(tl.float32)[None, :, :], axis=1)
+        y += x * cw_x[None, :] + bias[None, :]
+        tl.store(s_ptrs - s_ck, cstate, mask=m3 & (js >= 1)[None, :, None])
         if KC > 1:
             tl.store(conv_ptr + rows[:, None] * s_cb + (KC - 2) * s_ck + ds[None, :], x.to(dt), mask=m2)
-        if HAS_CB:
-            y += tl.load(cb_ptr + ds, mask=dmask, other=0.0).to(tl.float32)[None, :]
         uc = (y * tl.sigmoid(y)).to(dt)
         tl.store(u_ptr + rows[:, None] * Di + ds[None, :], uc, mask=m2)
         # this block's share of x_proj: (BB, BD) @ (BX, BD)^T
@@ -213,14 +223,6 @@ def _dt_proj_rows(wdt_ptr, ds, dmask, xs, R):
 
 
 @triton.jit
-def _ssm_row(u_ptr, z_ptr, s_ptrs, b, Di, ds, dmask, m2):
-    """Row b's u and z of channels ds (fp32) and their SSM state (BD, BN)."""
-    u = tl.load(u_ptr + b * Di + ds, mask=dmask, other=0.0).to(tl.float32)
-    zz = tl.load(z_ptr + b * Di + ds, mask=dmask, other=0.0).to(tl.float32)
-    return u, zz, tl.load(s_ptrs, mask=m2, other=0.0)
-
-
-@triton.jit
 def mamba_ssm_kernel(
     xpart_ptr, u_ptr, z_ptr, wdt_ptr, dtb_ptr, alog_ptr, dsk_ptr, dtn_ptr, bn_ptr, cn_ptr, eps,
     state_ptr, y_ptr, B, Di, R, N, NP,
@@ -246,10 +248,12 @@ def mamba_ssm_kernel(
     A = -tl.exp(tl.load(alog_ptr + ds[:, None] * N + ns[None, :], mask=m2, other=0.0).to(tl.float32))
     dskip = tl.load(dsk_ptr + ds, mask=dmask, other=0.0).to(tl.float32)
     dtbias = tl.load(dtb_ptr + ds, mask=dmask, other=0.0).to(tl.float32)
-    _after_previous_kernel(PDL)
     s_ptrs = state_ptr + b * Di * N + ds[:, None] * N + ns[None, :]
-    if PDL:  # every load of the row issued before the first is used, their latencies overlapping
-        u, zz, h = _ssm_row(u_ptr, z_ptr, s_ptrs, b, Di, ds, dmask, m2)
+    h = tl.load(s_ptrs, mask=m2, other=0.0, cache_modifier=".cg")  # the state (last written a token ago)
+    _after_previous_kernel(PDL)
+    # u and z issued with the partials below, their latencies overlapping
+    u = tl.load(u_ptr + b * Di + ds, mask=dmask, other=0.0).to(tl.float32)
+    zz = tl.load(z_ptr + b * Di + ds, mask=dmask, other=0.0).to(tl.float32)
     xrow = tl.zeros((BX,), tl.float32)
     for p0 in range(0, NP, BP):  # BP partials at a time
         ps = p0 + tl.arange(0, BP)
@@ -260,9 +264,8 @@ def mamba_ssm_kernel(
     dtn = _segment_norm(xrow, xs, 0, R, dtn_ptr, eps)
     bn = _segment_norm(xrow, xs, R, R + N, bn_ptr, eps)
     cn = _segment_norm(xrow, xs, R + N, R + 2 * N, cn_ptr, eps)
-    if not PDL:  # (the same loads late: fewer registers held for the dot form's wider channel blocks)
+    if not PDL:  # (the same load late: fewer registers held for the dot form's wider channel blocks)
         wdt = _dt_proj_rows(wdt_ptr, ds, dmask, xs, R)
-        u, zz, h = _ssm_row(u_ptr, z_ptr, s_ptrs, b, Di, ds, dmask, m2)
     delta = tl.sum(wdt * dtn[None, :], axis=1).to(dt).to(tl.float32) + dtbias  # dtn is 0 past column R
     delta = _softplus(delta)
     bvec = tl.sum(tl.where(xs[None, :] == (R + ns)[:, None], bn[None, :], 0.0), axis=1)  # (BN,)
@@ -301,28 +304,50 @@ def router_kernel(h_ptr, s_hb, nw_ptr, eps, wr_ptr, wsel_ptr, B, H, X,
 
 
 @triton.jit
+def _picked_experts(wsel_ptr, X, BXP: tl.constexpr, SP: tl.constexpr):
+    """The experts a one-row batch picked: wsel (X, 1) from router_kernel -> their indices in increasing
+    order (SP,), their routing weights (SP,) and which of the SP slots hold one (SP >= top-k; a weight that
+    rounded to 0 picks nothing, as in the loop over experts). Loaded past L1: see the module docstring."""
+    xs = tl.arange(0, BXP)
+    w = tl.load(wsel_ptr + xs, mask=xs < X, other=0.0, cache_modifier=".cg")
+    picked = (w != 0.0).to(tl.int32)
+    hit = (picked[None, :] != 0) & ((tl.cumsum(picked, axis=0) - 1)[None, :] == tl.arange(0, SP)[:, None])
+    es = tl.sum(tl.where(hit, xs[None, :], 0), axis=1)
+    ws = tl.sum(tl.where(hit, w[None, :], 0.0), axis=1)
+    return es, ws, tl.sum(hit.to(tl.int32), axis=1) != 0
+
+
+@triton.jit
 def ffn_up_kernel(
-    h_ptr, s_hb, nw_ptr, eps, wg_ptr, wu_ptr, s_we, act_ptr, wsel_ptr, B, H, F,
-    ROUTED: tl.constexpr, BB: tl.constexpr, BF: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
-    DOT: tl.constexpr, PDL: tl.constexpr,
+    h_ptr, s_hb, nw_ptr, eps, wg_ptr, wu_ptr, s_we, act_ptr, wsel_ptr, B, H, F, X,
+    ROUTED: tl.constexpr, SP: tl.constexpr, BXP: tl.constexpr, BB: tl.constexpr, BF: tl.constexpr,
+    BK: tl.constexpr, IEEE: tl.constexpr, DOT: tl.constexpr, PDL: tl.constexpr,
 ):
-    """Grid (cdiv(F, BF), X). Expert e = program_id(1) of a MoE (ROUTED: rows with wsel[e, b] != 0, from
-    router_kernel) or the dense MLP (X = 1, every row): act[e, b, f-block] = silu(gate_e x) * up_e x with
-    x = RMSNorm(h). An expert no row picked reads no weights (so a MoE's weights wait for the routing)."""
+    """Grid (cdiv(F, BF), X), or (cdiv(F, BF), top-k) with SP > 0 (one row: program_id(1) is a slot of
+    _picked_experts). Expert e of a MoE (ROUTED: rows with wsel[e, b] != 0, from router_kernel) or the
+    dense MLP (X = 1, every row): act[e, b, f-block] = silu(gate_e x) * up_e x with x = RMSNorm(h). An
+    expert no row picked reads no weights (so a MoE's weights wait for the routing)."""
     pf = tl.program_id(0)
-    e = tl.program_id(1)
     rows = tl.arange(0, BB)
     rmask = rows < B
     dt = h_ptr.dtype.element_ty
     f0 = pf * BF
     if ROUTED:
         _after_previous_kernel(PDL)
-        w = tl.load(wsel_ptr + e * B + rows, mask=rmask, other=0.0)
+        if SP > 0:
+            es, _, valid = _picked_experts(wsel_ptr, X, BXP, SP)
+            here = tl.arange(0, SP) == tl.program_id(1)
+            e = tl.sum(tl.where(here, es, 0), axis=0)
+            go = tl.sum(tl.where(here & valid, 1, 0), axis=0) != 0
+        else:
+            e = tl.program_id(1)
+            go = tl.max(tl.abs(tl.load(wsel_ptr + e * B + rows, mask=rmask, other=0.0)), axis=0) != 0.0
     else:
-        w = tl.where(rmask, 1.0, 0.0)
-    # not ROUTED: always true (B >= 1), so every program reaches its wait below; the PDL chain needs every
-    # program of every kernel to wait before it reads or writes activations
-    if tl.max(tl.abs(w), axis=0) != 0.0:
+        # always true, so every program reaches its wait below; the PDL chain needs every program of every
+        # kernel to wait before it reads or writes activations
+        e = 0
+        go = B > 0
+    if go:
         # gate and up rows of this block in one pass over H (the norm as in _matmul)
         wg0 = _w_tile(wg_ptr + e * s_we, H, f0, F, 0, H, BF, BK)
         wu0 = _w_tile(wu_ptr + e * s_we, H, f0, F, 0, H, BF, BK)
@@ -344,17 +369,35 @@ def ffn_up_kernel(
 
 
 @triton.jit
+def _slots_w(wd_ptr, s_we, es, valid, hs, hmask, f0, F, BF: tl.constexpr):
+    """Down weight tile (SP, BH, BF) of the picked experts es (one row; 0 in empty slots)."""
+    fs = f0 + tl.arange(0, BF)
+    return tl.load(wd_ptr + es[:, None, None] * s_we + hs[None, :, None] * F + fs[None, None, :],
+                   mask=valid[:, None, None] & hmask[None, :, None] & (fs < F)[None, None, :], other=0.0)
+
+
+@triton.jit
+def _slots_mm(act_ptr, es, valid, w, f0, F, BF: tl.constexpr):
+    """The picked experts' activations act[es, 0, f0:f0+BF] times their weight tile w, summed -> (SP, BH) fp32."""
+    fs = f0 + tl.arange(0, BF)
+    a = tl.load(act_ptr + es[:, None] * F + fs[None, :], mask=valid[:, None] & (fs < F)[None, :], other=0.0)
+    return tl.sum(a.to(tl.float32)[:, None, :] * w.to(tl.float32), axis=2)
+
+
+@triton.jit
 def down_residual_kernel(
     act_ptr, wd_ptr, s_we, bias_ptr, wsel_ptr, h_ptr, s_hb, B, H, F, X,
-    ROUTED: tl.constexpr, HAS_BIAS: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr, BF: tl.constexpr,
-    IEEE: tl.constexpr, DOT: tl.constexpr, PDL: tl.constexpr,
+    ROUTED: tl.constexpr, SP: tl.constexpr, BXP: tl.constexpr, HAS_BIAS: tl.constexpr, BB: tl.constexpr,
+    BH: tl.constexpr, BF: tl.constexpr, IEEE: tl.constexpr, DOT: tl.constexpr, PDL: tl.constexpr,
 ):
     """Grid (cdiv(H, BH),): h[:, block] += the layer output, in place, rounded as the eager layers round.
 
     ROUTED (MoE): out = sum over the experts some row picked (in expert order, each term rounded) of
-    wsel[e] * down_e(act[e]), act (X, B, F), down weights (X, H, F). Otherwise one linear layer:
-    out = act @ W^T (+ bias) with act (B, F), W (H, F): the MLP's down projection, Mamba's out_proj,
-    attention's o_proj; its first tile is read before the wait on the previous kernel."""
+    wsel[e] * down_e(act[e]), act (X, B, F), down weights (X, H, F); with SP > 0 (one row) the picked
+    experts' first weight tiles are read before the wait (the routing is two kernels back), otherwise
+    after it, expert by expert. Otherwise one linear layer: out = act @ W^T (+ bias) with act (B, F),
+    W (H, F): the MLP's down projection, Mamba's out_proj, attention's o_proj; its first tile is read
+    before the wait. The residual h is read before the wait too (written two or more kernels back)."""
     h0 = tl.program_id(0) * BH
     hs = h0 + tl.arange(0, BH)
     hmask = hs < H
@@ -363,24 +406,40 @@ def down_residual_kernel(
     dt = h_ptr.dtype.element_ty
     m2 = rmask[:, None] & hmask[None, :]
     hp = h_ptr + rows[:, None] * s_hb + hs[None, :]
+    hv = tl.load(hp, mask=m2, other=0.0, cache_modifier=".cg").to(tl.float32)
     out = tl.zeros((BB, BH), tl.float32)
     if ROUTED:
-        _after_previous_kernel(PDL)
-        hv = tl.load(hp, mask=m2, other=0.0).to(tl.float32)  # the residual, loaded before it is needed
-        for e in range(X):
-            w = tl.load(wsel_ptr + e * B + rows, mask=rmask, other=0.0)
-            if tl.max(tl.abs(w), axis=0) != 0.0:
-                wd = wd_ptr + e * s_we
-                acc = _matmul(act_ptr + e * B * F, F, act_ptr, 0.0, _w_tile(wd, F, h0, H, 0, F, BH, BF), wd, F, h0, H,
-                              B, F, BB, BH, BF, False, IEEE, DOT)
-                if HAS_BIAS:
-                    acc += tl.load(bias_ptr + hs, mask=hmask, other=0.0).to(tl.float32)[None, :]
-                y = (acc.to(dt).to(tl.float32) * w[:, None]).to(dt).to(tl.float32)
-                out = (out + y).to(dt).to(tl.float32)
+        if SP > 0:
+            es, ws, valid = _picked_experts(wsel_ptr, X, BXP, SP)
+            es = es.to(tl.int64)
+            w0 = _slots_w(wd_ptr, s_we, es, valid, hs, hmask, 0, F, BF)
+            _after_previous_kernel(PDL)
+            acc = _slots_mm(act_ptr, es, valid, w0, 0, F, BF)
+            for f0 in range(BF, F, BF):
+                acc += _slots_mm(act_ptr, es, valid, _slots_w(wd_ptr, s_we, es, valid, hs, hmask, f0, F, BF), f0, F, BF)
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + hs, mask=hmask, other=0.0).to(tl.float32)[None, :]
+            y = (acc.to(dt).to(tl.float32) * ws[:, None]).to(dt).to(tl.float32)  # (SP, BH), 0 in empty slots
+            slots = tl.arange(0, SP)
+            acc1 = tl.zeros((BH,), tl.float32)
+            for k in tl.static_range(SP):
+                acc1 = (acc1 + tl.sum(tl.where(slots[:, None] == k, y, 0.0), axis=0)).to(dt).to(tl.float32)
+            out += acc1[None, :]
+        else:
+            _after_previous_kernel(PDL)
+            for e in range(X):
+                w = tl.load(wsel_ptr + e * B + rows, mask=rmask, other=0.0)
+                if tl.max(tl.abs(w), axis=0) != 0.0:
+                    wd = wd_ptr + e * s_we
+                    acc = _matmul(act_ptr + e * B * F, F, act_ptr, 0.0, _w_tile(wd, F, h0, H, 0, F, BH, BF), wd, F, h0,
+                                  H, B, F, BB, BH, BF, False, IEEE, DOT)
+                    if HAS_BIAS:
+                        acc += tl.load(bias_ptr + hs, mask=hmask, other=0.0).to(tl.float32)[None, :]
+                    y = (acc.to(dt).to(tl.float32) * w[:, None]).to(dt).to(tl.float32)
+                    out = (out + y).to(dt).to(tl.float32)
     else:
         w0 = _w_tile(wd_ptr, F, h0, H, 0, F, BH, BF)
         _after_previous_kernel(PDL)
-        hv = tl.load(hp, mask=m2, other=0.0).to(tl.float32)
         out = _matmul(act_ptr, F, act_ptr, 0.0, w0, wd_ptr, F, h0, H, B, F, BB, BH, BF, False, IEEE, DOT)
         if HAS_BIAS:
             out += tl.load(bias_ptr + hs, mask=hmask, other=0.0).to(tl.float32)[None, :]

@@ -52,8 +52,9 @@ def _compare(model, batch, steps, rtol, atol, **options):
     dict(num_experts=1, num_experts_per_tok=1, hidden_size=40, intermediate_size=72, mamba_d_conv=3,
          tie_word_embeddings=True),
 ])
-def test_fused_step_equals_static_step_fp32(overrides):
-    _compare(_model(**overrides), batch=3, steps=5, rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("batch", [1, 3])  # one row: MoE experts by slot (top-1, top-2 of 3 and of 4)
+def test_fused_step_equals_static_step_fp32(overrides, batch):
+    _compare(_model(**overrides), batch=batch, steps=5, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("batch", [1, GEMV_MAX_ROWS + 2])  # the GEMV form and the tensor-core form

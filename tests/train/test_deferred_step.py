@@ -13,20 +13,24 @@ from test_trainer import _nan_model
 
 
 @pytest.mark.gpu
-def test_deferred_matches_synchronous_steps(data_dir, tmp_path, monkeypatch):
-    """Same losses with the deferred step (default on CUDA with fused AdamW) as with the host deciding
-    first (fused AdamW off), deterministic kernels in both."""
+@pytest.mark.parametrize("precision,grad_clip,rel", [("bf16", 1.0, 1e-3), ("fp32", 0.01, 1e-5)])
+def test_deferred_matches_synchronous_steps(data_dir, tmp_path, precision, grad_clip, rel):
+    """Same losses and gradient norms with the deferred step (default on CUDA with fused AdamW) as with
+    the host deciding first (fused AdamW off), deterministic kernels in both; grad_clip 0.01 clips every
+    step."""
     runs = {}
     for fused in ("true", "false"):
         out = str(tmp_path / fused)
-        cfg = tiny_config(data_dir, out, optim={"fused": fused},
-                          train={"device": "cuda", "precision": "bf16", "deterministic": True, "max_steps": 6})
+        cfg = tiny_config(data_dir, out, optim={"fused": fused, "grad_clip": grad_clip},
+                          train={"device": "cuda", "precision": precision, "deterministic": True, "max_steps": 6})
         cfg.log.interval = 3  # the deferred step reads most losses one step late
         train(cfg)
         runs[fused] = [r for r in read_jsonl(out + "/metrics.jsonl") if r["split"] == "train"]
     assert [r["step"] for r in runs["true"]] == [3, 6]
+    if grad_clip < 0.1:
+        assert all(r["grad_norm"] > 2 * grad_clip for r in runs["false"])  # clipping was active
     for a, b in zip(runs["false"], runs["true"]):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-3) and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3)
+        assert b["loss"] == pytest.approx(a["loss"], rel=rel) and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=rel)
 
 
 @pytest.mark.gpu
