@@ -85,16 +85,12 @@ def link_bandwidth(dist: DistInfo, mib: int = 256, repeats: int = 10) -> dict:
     the links, (world - 1) / world of the buffer, as nccl-tests does."""
     world, device = dist.world_size, dist.device
     n = mib * 2**20 // 2
+    shard, full = (torch.ones(k, dtype=torch.bfloat16, device=device) for k in (n // world, n))
+    dst = torch.empty_like(full)
+    ops = {"all_gather": lambda: torch.distributed.all_gather_into_tensor(dst, shard),
+           "all_to_all": lambda: torch.distributed.all_to_all_single(dst, full)}
     out = {}
-    for name in ("all_gather", "all_to_all"):
-        if name == "all_gather":
-            src = torch.ones(n // world, dtype=torch.bfloat16, device=device)
-            dst = torch.empty(n, dtype=torch.bfloat16, device=device)
-            op = lambda: torch.distributed.all_gather_into_tensor(dst, src)  # noqa: E731
-        else:
-            src = torch.ones(n, dtype=torch.bfloat16, device=device)
-            dst = torch.empty_like(src)
-            op = lambda: torch.distributed.all_to_all_single(dst, src)  # noqa: E731
+    for name, op in ops.items():
         for _ in range(3):
             op()
         _sync(device)

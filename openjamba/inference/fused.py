@@ -153,8 +153,9 @@ class FusedDecodeStep:
         out = torch.empty(self.B, Nout, device=h.device, dtype=h.dtype) if out is None else out
         self.fk.norm_linear_kernel[(-(-Nout // t["BN"]),)](
             h, h.stride(0), norm.weight, norm.eps, weight, bias if bias is not None else weight, out, out.stride(0),
-            self.B, self.H, Nout, HAS_BIAS=bias is not None, BB=self.BB, BN=t["BN"], BK=self._k(t["BK"], t["BN"], self.H),
-            IEEE=self.ieee, DOT=self.dot, PDL=self.pdl, num_warps=t["warps"], launch_pdl=self.pdl)
+            self.B, self.H, Nout, HAS_BIAS=bias is not None, BB=self.BB, BN=t["BN"],
+            BK=self._k(t["BK"], t["BN"], self.H), IEEE=self.ieee, DOT=self.dot, PDL=self.pdl, num_warps=t["warps"],
+            launch_pdl=self.pdl)
         return out
 
     def down_residual(self, h, act, weight, bias=None, routed=False, X=1):
