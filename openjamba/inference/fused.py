@@ -125,8 +125,8 @@ class FusedDecodeStep:
         self.H, self.Di, self.N, self.R = c.hidden_size, c.mamba_inner_size, c.mamba_d_state, c.mamba_dt_rank
         self.F, self.X, self.K = c.intermediate_size, c.num_experts, c.num_experts_per_tok
         self.NX = self.R + 2 * self.N
-        # one row (the GEMV form): MoE kernels index the experts it picked by slot (top-k of them, padded)
-        self.slots = 0 if self.dot else _pow2(self.K, 1)
+        # one row: MoE kernels index the experts it picked by slot (top-k of them, padded to a power of two)
+        self.slots = _pow2(self.K, 1) if batch_size == 1 else 0
         self.NP = -(-self.Di // self.tiles["mamba_in"]["BD"])  # x_proj partial sums, one per mamba_in block
         self.u = torch.empty(batch_size, self.Di, device=dev, dtype=dt)
         self.z = torch.empty_like(self.u)
