@@ -6,9 +6,10 @@
 For each batch: the graph-replayed milliseconds per token of the fused, static and compiled steps
 (measured one after another on the same model and cache size; the Generator's step with its greedy
 pick), the fused step's graph alone with and without programmatic dependent launch (PDL), and one
-torch.profiler pass over the fused step launched eagerly (kernels per token, GPU time per kernel). --sweep times the fused step with
-each candidate tile configuration of one kernel family at a time (coordinate descent from the
-defaults in inference/fused.py) and reports the best; the defaults there come from such a sweep.
+torch.profiler pass over the fused step launched eagerly (kernels per token, GPU time per kernel).
+--sweep times the fused step with each candidate tile configuration of one kernel family at a time
+(coordinate descent from the defaults in inference/fused.py) and reports the best; the defaults there
+come from such sweeps.
 Writes benchmarks/results/decode_step_profile.json (or --out). Needs CUDA.
 """
 
