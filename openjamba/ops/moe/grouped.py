@@ -2,7 +2,7 @@
 
     x_TH: (T, H)    top_w_TK, top_idx_TK: (T, K)    w_gate_up_XFH: (X, 2F, H)    w_down_XHF: (X, H, F)
 
-The T*K (token, expert) assignments are permuted so each expert's rows are contiguous, every expert
+The T*K (token, expert) assignments are placed so each expert's rows are contiguous, every expert
 runs in ONE `torch._grouped_mm` per projection, and the results are un-permuted and weighted. All
 index arithmetic stays on the device: no `.tolist()`, no host sync, no Python loop over experts, so
 the layer can be captured in a CUDA graph. Each expert's group is padded to a multiple of ALIGN rows
@@ -39,26 +39,24 @@ def moe_experts_grouped(x_TH, top_w_TK, top_idx_TK, w_gate_up_XFH, w_down_XHF):
     P = n_assign + X * (ALIGN - 1)  # rows of the padded buffer: enough for any routing
 
     flat = top_idx_TK.reshape(-1)
-    order = torch.argsort(flat, stable=True)  # assignments grouped by expert
-    # scatter_add, not bincount: bincount on CUDA reads the max id back to the host (a sync)
-    counts = torch.zeros(X, device=dev, dtype=torch.long).scatter_add_(0, flat, torch.ones_like(flat))
-    starts = torch.cumsum(counts, 0) - counts
+    # rank of each assignment among its expert's, in token order (what a stable sort by expert gives),
+    # from a running count over the one-hot routing: a scan of T*K x X small integers instead of a sort,
+    # whose radix passes would each add kernels and memsets
+    onehot = (flat[:, None] == torch.arange(X, device=dev)).to(torch.int32)  # (T*K, X); no range check (sync)
+    seen = torch.cumsum(onehot, 0, dtype=torch.int32)  # assignments to each expert up to and including this one
+    counts = seen[-1].long() if n_assign else flat.new_zeros(X)
+    rank_in_expert = (seen * onehot).sum(1) - 1
     padded = (counts + ALIGN - 1) // ALIGN * ALIGN
     pad_end = torch.cumsum(padded, 0)
     pad_start = pad_end - padded
     # the last group also owns the unused tail of the buffer, so the offsets end at P
     offs = torch.cat([pad_end[:-1], pad_end.new_full((1,), P)]).to(torch.int32)
-
-    e_sorted = flat[order]
-    rank = torch.arange(n_assign, device=dev)
-    pos_sorted = pad_start[e_sorted] + (rank - starts[e_sorted])  # padded row of each sorted assignment
-    pos = torch.empty_like(pos_sorted)
-    pos[order] = pos_sorted  # padded row of assignment a = (token a // K, slot a % K)
+    pos = pad_start[flat] + rank_in_expert  # padded row of assignment a = (token a // K, slot a % K)
 
     # token feeding each padded row; padding rows read token 0: their outputs are never gathered back,
     # so they get no gradient and add nothing to the weight gradients (their upstream gradient is 0)
     src = torch.zeros(P, device=dev, dtype=torch.long)
-    src[pos] = rank // K
+    src[pos] = torch.arange(n_assign, device=dev) // K
     x_pad = x_TH[src]  # (P, H)
     gate_up = _grouped_mm(x_pad, w_gate_up_XFH.transpose(-2, -1), offs)  # (P, 2F)
     gate, up = gate_up.chunk(2, dim=-1)
