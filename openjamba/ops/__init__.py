@@ -13,6 +13,7 @@ import importlib
 import logging
 import os
 
+from .adamw.reference import adamw_step_ref
 from .causal_conv1d.reference import causal_conv1d_ref, causal_conv1d_update_ref
 from .cross_entropy.reference import cross_entropy_ref
 from .moe.reference import moe_experts_ref
@@ -33,6 +34,7 @@ _OPS = {
                              "openjamba.ops.causal_conv1d.triton:causal_conv1d_update_triton"),
     "moe_experts": (moe_experts_ref, "openjamba.ops.moe.grouped:moe_experts_grouped"),
     "cross_entropy": (cross_entropy_ref, "openjamba.ops.cross_entropy.triton:cross_entropy_triton"),
+    "adamw": (adamw_step_ref, "openjamba.ops.adamw.triton:adamw_step_triton"),
 }
 
 _backend = None
@@ -64,6 +66,10 @@ def _triton_usable() -> str | None:
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         return "no CUDA device (set TRITON_INTERPRET=1 to run Triton kernels on the CPU interpreter)"
     return None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def set_backend(name: str) -> None:
@@ -160,9 +166,21 @@ def cross_entropy(logits, targets, ignore_index=-100):
     return fn(logits, targets, ignore_index)
 
 
+def adamw_step(params, grads, exp_avgs, exp_avg_sqs, steps, lr, weight_decay, beta1, beta2, eps, grad_norm=None,
+               max_norm=float("inf"), found_inf=None, table_key=None):
+    """AdamW over lists of tensors with gradient-norm clipping folded in; see ops/adamw/reference.py.
+    `table_key` lets the Triton kernel keep its tables of tensor addresses between calls."""
+    if not params:
+        return
+    fn, choice = resolve("adamw", params[0].is_cuda)
+    extra = {"table_key": table_key} if choice == "triton" else {}
+    fn(params, grads, exp_avgs, exp_avg_sqs, steps, lr, weight_decay, beta1, beta2, eps, grad_norm=grad_norm,
+       max_norm=max_norm, found_inf=found_inf, **extra)
+
+
 __all__ = [
     "BACKENDS", "BackendUnavailable", "set_backend", "get_backend", "resolve",
     "selective_scan", "selective_state_update", "causal_conv1d", "causal_conv1d_update", "moe_experts",
-    "cross_entropy", "selective_scan_ref", "selective_scan_chunked", "selective_state_update_ref",
-    "causal_conv1d_ref", "causal_conv1d_update_ref", "moe_experts_ref", "cross_entropy_ref",
+    "cross_entropy", "adamw_step", "adamw_step_ref", "selective_scan_ref", "selective_scan_chunked",
+    "selective_state_update_ref", "causal_conv1d_ref", "causal_conv1d_update_ref", "moe_experts_ref", "cross_entropy_ref",
 ]

@@ -63,7 +63,7 @@ class OptimSection:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables clipping (the norm is still measured)
-    fused: str = "auto"  # "auto" (fused on CUDA), "true", "false"
+    fused: str = "auto"  # AdamW implementation: "auto", "triton", "true" (torch fused), "false"; see train/optim.py
 
 
 @dataclass
@@ -131,7 +131,8 @@ class TrainConfig:
             (self.optim.lr > 0, "optim.lr must be positive"),
             (0 <= self.optim.min_lr_ratio <= 1, "optim.min_lr_ratio must be in [0, 1]"),
             (self.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0"),
-            (self.optim.fused in ("auto", "true", "false"), "optim.fused must be auto, true or false"),
+            (self.optim.fused in ("auto", "triton", "true", "false"),
+             "optim.fused must be auto, triton, true or false"),
             (self.train.max_steps > 0, "train.max_steps must be positive"),
             (self.train.precision in ("auto", "autocast", "bf16", "fp32"),
              "train.precision must be auto, autocast, bf16 or fp32"),

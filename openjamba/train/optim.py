@@ -1,4 +1,12 @@
-"""AdamW with decay / no-decay parameter groups, and the warmup + cosine learning-rate schedule."""
+"""AdamW with decay / no-decay parameter groups, and the warmup + cosine learning-rate schedule.
+
+Which AdamW runs is chosen by `optim.fused` and named in the model line the trainer prints:
+    "triton"  ClippedAdamW: one Triton launch per parameter group that also applies the gradient-norm
+              clipping (the gradients are read once and never rewritten); CUDA, one process
+    "true"    torch.optim.AdamW(fused=True) after torch's clip_grad_norm_; CUDA
+    "false"   torch.optim.AdamW (for-each implementation) after clip_grad_norm_; any device
+    "auto"    "triton" on CUDA in one process when Triton is importable, else "true" on CUDA, else "false"
+"""
 
 from __future__ import annotations
 
@@ -6,6 +14,8 @@ import math
 
 import torch
 from torch import nn
+
+from .. import ops
 
 # Parameters that are not weight matrices in the usual sense: decaying them towards 0 is harmful
 # (A_log = log of the SSM decay rates, D = the skip connection, norm gains) or pointless (biases).
@@ -37,13 +47,93 @@ def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool =
     ]
 
 
-def build_optimizer(model: nn.Module, cfg, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over `param_groups`; fused (one kernel for all parameters) on CUDA unless disabled."""
-    fused = {"auto": device.type == "cuda", "true": True, "false": False}[cfg.fused]
+class ClippedAdamW(torch.optim.AdamW):
+    """torch.optim.AdamW whose update also applies the gradient-norm clipping, through `ops.adamw_step`
+    (on CUDA one Triton launch per parameter group and dtype; see ops/adamw).
+
+    Before each `step()` call `clip_with(grad_norm, max_norm)` with the total gradient norm as a device
+    tensor: the update scales the gradients by min(1, max_norm / (grad_norm + 1e-6)) as it reads them,
+    which is what torch's clip_grad_norm_ does in a separate pass. A `found_inf` attribute (a one-element
+    float device tensor, as torch's fused AdamW takes it) skips the whole update on the device when non-zero.
+    The state (step, exp_avg, exp_avg_sq per parameter) has torch's layout, so checkpoints move freely
+    between this and torch.optim.AdamW; steps live on the parameters' device as float32.
+    """
+
+    def __init__(self, params, lr: float, betas: tuple[float, float], eps: float, weight_decay: float = 1e-2):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        self.grad_norm: torch.Tensor | None = None
+        self.max_norm = float("inf")
+        self.found_inf: torch.Tensor | None = None
+
+    def clip_with(self, grad_norm: torch.Tensor | None, max_norm: float) -> None:
+        """Clip the next step's gradients to total norm max_norm (<= 0: no clipping)."""
+        self.grad_norm = grad_norm if max_norm > 0 else None
+        self.max_norm = max_norm if max_norm > 0 else float("inf")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            raise ValueError("ClippedAdamW.step takes no closure")
+        for gi, group in enumerate(self.param_groups):
+            if group["amsgrad"] or group["maximize"]:
+                raise ValueError("ClippedAdamW runs plain AdamW: amsgrad and maximize are not supported")
+            by_dtype: dict[torch.dtype, list[list[torch.Tensor]]] = {}
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                elif state["step"].device != p.device or state["step"].dtype != torch.float32:
+                    state["step"] = state["step"].to(p.device, torch.float32)  # e.g. loaded from a CPU step
+                lists = by_dtype.setdefault(p.dtype, [[], [], [], [], []])
+                for row, t in zip(lists, (p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"])):
+                    row.append(t)
+            beta1, beta2 = group["betas"]
+            for dtype, (params, grads, exp_avgs, exp_avg_sqs, steps) in by_dtype.items():
+                ops.adamw_step(params, grads, exp_avgs, exp_avg_sqs, steps, group["lr"], group["weight_decay"],
+                               beta1, beta2, group["eps"], grad_norm=self.grad_norm, max_norm=self.max_norm,
+                               found_inf=self.found_inf, table_key=(id(self), gi, dtype))
+        self.grad_norm = None  # each step is given its own norm
+        return None
+
+
+def optimizer_kind(optimizer: torch.optim.Optimizer) -> str:
+    """"triton" (ClippedAdamW), "fused" (torch's fused AdamW) or "foreach" (torch's default)."""
+    if isinstance(optimizer, ClippedAdamW):
+        return "triton"
+    return "fused" if optimizer.defaults.get("fused") else "foreach"
+
+
+def guards_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer can skip an update on the device (a `found_inf` tensor) without the host."""
+    return optimizer_kind(optimizer) in ("triton", "fused")
+
+
+def build_optimizer(model: nn.Module, cfg, device: torch.device, world_size: int = 1) -> torch.optim.AdamW:
+    """AdamW over `param_groups`, the implementation chosen by cfg.fused (see the module docstring)."""
+    choice = cfg.fused
+    if choice == "auto":
+        triton_ok = ops._triton_usable() is None and ops.get_backend() != "reference"
+        choice = ("triton" if device.type == "cuda" and world_size == 1 and triton_ok
+                  else "true" if device.type == "cuda" else "false")
     groups = param_groups(model, cfg.weight_decay, cfg.decay_embeddings)
     # The names are kept for reports only: the optimizer state is keyed by position.
     groups = [{k: v for k, v in g.items() if k != "names"} for g in groups if g["params"]]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
+    betas = (cfg.beta1, cfg.beta2)
+    if choice == "triton":
+        if world_size > 1:
+            raise ValueError(f"optim.fused \"triton\" folds the clipping into a one-process update; with "
+                             f"{world_size} processes use \"true\" or \"auto\"")
+        reason = ops._triton_usable()
+        if reason:
+            raise ops.BackendUnavailable(f"optim.fused \"triton\" cannot run here: {reason}")
+        if device.type != "cuda" and not ops._interpreting():
+            raise ops.BackendUnavailable("optim.fused \"triton\" needs a CUDA device")
+        return ClippedAdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, fused=choice == "true")
 
 
 def lr_at(step: int, lr: float, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:

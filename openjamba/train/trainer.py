@@ -28,7 +28,7 @@ from .data import PackedLoader, read_index
 from . import distributed
 from .distributed import DistInfo
 from .metrics import MetricsLogger, Probes, mfu
-from .optim import build_optimizer, lr_at, set_lr
+from .optim import ClippedAdamW, build_optimizer, guards_on_device, lr_at, optimizer_kind, set_lr
 from .tokenizer import load_tokenizer, special_token_ids
 
 
@@ -139,20 +139,23 @@ def forward_backward(model, batches: list[torch.Tensor], config: JambaConfig, cf
     return total_ce
 
 
-def grad_norm_and_clip(model, max_norm: float, dist) -> torch.Tensor:
-    """The global gradient norm (before clipping; clipped to max_norm when > 0), as a device scalar."""
+def grad_norm_and_clip(model, max_norm: float, dist, clip: bool = True) -> torch.Tensor:
+    """The global gradient norm (before clipping; clipped to max_norm when > 0 and `clip`), as a device
+    scalar. clip=False measures only: the optimizer applies the clipping (ClippedAdamW)."""
     limit = max_norm if max_norm > 0 else float("inf")
     if dist.world_size > 1:  # sharded / expert-parallel gradients live on several meshes
         return distributed.clip_grad_norm_(model, limit, dist)
     params = [p for p in model.parameters() if p.grad is not None]
+    if not clip:
+        return torch.nn.utils.get_total_norm([p.grad for p in params])
     return torch.nn.utils.clip_grad_norm_(params, limit)
 
 
 def loss_and_norm(model, batches: list[torch.Tensor], config: JambaConfig, cfg: TrainConfig, precision: str,
-                  dist) -> torch.Tensor:
+                  dist, clip: bool = True) -> torch.Tensor:
     """forward_backward then grad_norm_and_clip: stack(mean cross-entropy, gradient norm) on the device."""
     loss = forward_backward(model, batches, config, cfg, precision, dist.device)
-    norm = grad_norm_and_clip(model, cfg.optim.grad_clip, dist)
+    norm = grad_norm_and_clip(model, cfg.optim.grad_clip, dist, clip)
     return torch.stack([loss.float(), norm.float().to(loss.device)])
 
 
@@ -167,7 +170,7 @@ class GraphedStep:
     policy, and the learning rate changes every step).
     """
 
-    def __init__(self, model, config: JambaConfig, cfg: TrainConfig, precision: str, dist):
+    def __init__(self, model, config: JambaConfig, cfg: TrainConfig, precision: str, dist, clip: bool = True):
         if dist.device.type != "cuda":
             raise ValueError("train.cuda_graph needs a CUDA device")
         if dist.world_size > 1:
@@ -177,6 +180,7 @@ class GraphedStep:
             raise ValueError("train.cuda_graph with MoE layers needs train.precision \"bf16\" or \"autocast\": "
                              "in fp32 the experts run a per-expert loop that reads the routing on the host")
         self.model, self.config, self.cfg, self.precision, self.dist = model, config, cfg, precision, dist
+        self.clip = clip
         self.graph = None
         self.static: list[torch.Tensor] = []
         self.check = None
@@ -191,7 +195,7 @@ class GraphedStep:
         returns stack(loss, grad norm)."""
         self.side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.side):
-            check = loss_and_norm(self.model, batches, self.config, self.cfg, self.precision, self.dist)
+            check = loss_and_norm(self.model, batches, self.config, self.cfg, self.precision, self.dist, self.clip)
         torch.cuda.current_stream().wait_stream(self.side)
         return check
 
@@ -203,7 +207,8 @@ class GraphedStep:
         torch.cuda.empty_cache()  # the warm-up steps' cached blocks would sit beside the graph's own pool
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.check = loss_and_norm(self.model, self.static, self.config, self.cfg, self.precision, self.dist)
+            self.check = loss_and_norm(self.model, self.static, self.config, self.cfg, self.precision, self.dist,
+                                       self.clip)
 
     def replay(self, batches: list[torch.Tensor]) -> torch.Tensor:
         for dst, src in zip(self.static, batches):
@@ -221,20 +226,22 @@ class StepRunner:
     """One optimizer step as `openjamba train` runs it: forward + backward over the micro-batches,
     gradient-norm clipping, then the AdamW update unless the loss or the norm is not finite.
 
-    Where the optimizer can skip an update on the device (fused AdamW, one process on CUDA: its
-    `found_inf` input), the update is launched at once, guarded, and the loss and norm travel to the
-    host in the background ("deferred"): the host reads them one step later, so it never waits for
+    Where the optimizer can skip an update on the device (fused or Triton AdamW, one process on CUDA:
+    their `found_inf` input), the update is launched at once, guarded, and the loss and norm travel to
+    the host in the background ("deferred"): the host reads them one step later, so it never waits for
     the GPU to drain and keeps the next step's kernels queued. Elsewhere the host reads them first
-    and applies or skips the update itself. Either way a non-finite step changes no weights.
+    and applies or skips the update itself. Either way a non-finite step changes no weights. With
+    ClippedAdamW the step only measures the gradient norm and the optimizer clips as it updates.
     """
 
     def __init__(self, model, optimizer, config: JambaConfig, cfg: TrainConfig, precision: str, dist):
         self.model, self.optimizer, self.config, self.cfg, self.precision, self.dist = (
             model, optimizer, config, cfg, precision, dist)
-        self.graphed = GraphedStep(model, config, cfg, precision, dist) if cfg.train.cuda_graph else None
+        self.fold_clip = isinstance(optimizer, ClippedAdamW) and dist.world_size == 1
+        self.graphed = (GraphedStep(model, config, cfg, precision, dist, clip=not self.fold_clip)
+                        if cfg.train.cuda_graph else None)
         self.eager_steps = 0
-        self.deferred = (dist.device.type == "cuda" and dist.world_size == 1
-                         and bool(optimizer.defaults.get("fused")))
+        self.deferred = dist.device.type == "cuda" and dist.world_size == 1 and guards_on_device(optimizer)
 
     def _forward_backward(self, batches: list[torch.Tensor]) -> torch.Tensor:
         """stack(loss, grad norm) on the device."""
@@ -246,7 +253,8 @@ class StepRunner:
             if not g.captured:
                 g.capture(batches)
             return g.replay(batches)
-        check = loss_and_norm(self.model, batches, self.config, self.cfg, self.precision, self.dist)
+        check = loss_and_norm(self.model, batches, self.config, self.cfg, self.precision, self.dist,
+                              not self.fold_clip)
         if self.dist.world_size > 1:
             check = distributed.all_reduce_mean(check, self.dist)
         return check
@@ -255,8 +263,10 @@ class StepRunner:
         if self.graphed is None or not self.graphed.captured:  # a replay overwrites the captured gradients
             self.optimizer.zero_grad(set_to_none=True)
 
-    def _update(self, lr: float) -> None:
+    def _update(self, lr: float, check: torch.Tensor) -> None:
         set_lr(self.optimizer, lr)
+        if self.fold_clip:
+            self.optimizer.clip_with(check[1], self.cfg.optim.grad_clip)
         self.optimizer.step()
         self._drop_grads()
 
@@ -266,7 +276,7 @@ class StepRunner:
         if not self.deferred:
             return {"check": check, "lr": lr}
         self.optimizer.found_inf = (~torch.isfinite(check).all()).float()
-        self._update(lr)
+        self._update(lr, check)
         host = torch.empty(2, dtype=torch.float32, pin_memory=True)
         host.copy_(check, non_blocking=True)
         done = torch.cuda.Event()
@@ -282,7 +292,7 @@ class StepRunner:
         loss_v, norm_v = launched["check"].tolist()  # the step's one host sync
         finite = math.isfinite(loss_v) and math.isfinite(norm_v)
         if finite:
-            self._update(launched["lr"])
+            self._update(launched["lr"], launched["check"])
         else:
             self._drop_grads()
         return loss_v, norm_v, finite
@@ -370,7 +380,7 @@ def _train(cfg: TrainConfig, resume: bool, model: JambaForCausalLM | None) -> di
     model = prepare_model(model, cfg, dist, precision)
     probes = Probes(model)  # after any wrapping: hooks on the outermost layers see each forward once
     model.train()
-    optimizer = build_optimizer(model, cfg.optim, dist.device)
+    optimizer = build_optimizer(model, cfg.optim, dist.device, dist.world_size)
     loader = PackedLoader(cfg.data.train, "train", cfg.data.seq_len, cfg.data.batch_size, rank=dist.rank,
                           world_size=dist.world_size, seed=cfg.train.seed, shuffle=cfg.data.shuffle)
     val_dir = cfg.data.val or cfg.data.train
@@ -410,7 +420,7 @@ def _train(cfg: TrainConfig, resume: bool, model: JambaForCausalLM | None) -> di
         counts = config.param_counts()
         print(f"model: {counts['total'] / 1e6:.2f}M parameters ({counts['active'] / 1e6:.2f}M active), "
               f"{config.num_hidden_layers} layers; {dist.world_size} x {dist.device.type}, {precision}; "
-              f"{tokens_per_step} tokens/step", file=sys.stderr)
+              f"{tokens_per_step} tokens/step; AdamW {optimizer_kind(optimizer)}", file=sys.stderr)
 
     def save(at_step: int) -> None:
         state = {"step": at_step, "tokens": tokens, "skipped": skipped_total, "data": loader.state_dict(),

@@ -9,7 +9,8 @@ import pytest
 from openjamba.config import JambaConfig
 from openjamba.model import JambaForCausalLM
 from openjamba.train.config import TrainConfigError, load_config
-from openjamba.train.optim import build_optimizer, lr_at, param_groups
+from openjamba.ops import BackendUnavailable
+from openjamba.train.optim import ClippedAdamW, build_optimizer, lr_at, optimizer_kind, param_groups
 from openjamba.train.tokenizer import load_tokenizer, special_token_ids, train_tokenizer
 
 
@@ -129,3 +130,20 @@ def test_example_run_files_load_and_name_valid_models():
     # The quick start's run file says what the command trains.
     assert load_config(os.path.join(root, "configs", "quickstart.toml")).to_dict() == \
         quickstart_config("runs/quickstart").to_dict()
+
+
+def test_build_optimizer_chooses_visibly(monkeypatch):
+    model = JambaForCausalLM(JambaConfig.from_name("jamba-tiny"))
+    cfg = load_config(None, []).optim
+    assert optimizer_kind(build_optimizer(model, cfg, model.device)) == "foreach"  # auto on a CPU
+    cfg.fused = "triton"
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(BackendUnavailable, match="optim.fused \"triton\""):
+        build_optimizer(model, cfg, model.device)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    opt = build_optimizer(model, cfg, model.device)
+    assert isinstance(opt, ClippedAdamW) and optimizer_kind(opt) == "triton"
+    with pytest.raises(ValueError, match="with 2 processes"):
+        build_optimizer(model, cfg, model.device, world_size=2)
+    with pytest.raises(ValueError, match="optim.fused must be"):
+        load_config(None, ["optim.fused=fast"]).validate()

@@ -187,3 +187,24 @@ def test_deterministic_mode_is_on_during_training_only(data_dir, tmp_path, monke
     seen.clear()
     train(tiny_config(data_dir, str(tmp_path / "nondet"), train={"max_steps": 2}))
     assert seen and not any(seen)
+
+
+def test_clipping_folded_into_the_optimizer_matches_clip_grad_norm(data_dir, tmp_path, monkeypatch):
+    """optim.fused "triton" (ClippedAdamW: the step measures the norm, the update clips) against torch's
+    AdamW after clip_grad_norm_, with grad_clip 0.01 clipping every step; then a run killed after one
+    step and resumed with ClippedAdamW gives the uninterrupted run's losses."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets "triton" be chosen on a CPU (the ops run the reference)
+    runs = {}
+    for fused in ("false", "triton"):
+        cfg = tiny_config(data_dir, str(tmp_path / fused), optim={"fused": fused, "grad_clip": 0.01},
+                          train={"max_steps": 6})
+        train(cfg)
+        runs[fused] = [r for r in read_jsonl(str(tmp_path / fused / "metrics.jsonl")) if r["split"] == "train"]
+    assert all(r["grad_norm"] > 2 * 0.01 for r in runs["false"])
+    for a, b in zip(runs["false"], runs["triton"]):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    part = dict(optim={"fused": "triton", "grad_clip": 0.01})
+    train(tiny_config(data_dir, str(tmp_path / "part"), train={"max_steps": 6, "max_seconds": 1e-9}, **part))
+    train(tiny_config(data_dir, str(tmp_path / "part"), train={"max_steps": 6}, **part), resume=True)
+    got = [r for r in read_jsonl(str(tmp_path / "part" / "metrics.jsonl")) if r["split"] == "train"]
+    assert {r["step"]: r["loss"] for r in got} == {r["step"]: r["loss"] for r in runs["triton"]}
