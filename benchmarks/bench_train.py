@@ -1,20 +1,22 @@
 """Training throughput and MFU of one GPU: the trainer's own step on the jamba-1b preset.
 
-    python benchmarks/bench_train.py                          # jamba-1b, batch 8 x 2048, bf16 weights, fused AdamW
+    python benchmarks/bench_train.py                          # jamba-1b, batch 8 x 2048, bf16 weights
     python benchmarks/bench_train.py --variants eager,compile  # several variants in one run, one table
     python benchmarks/bench_train.py --preset jamba-tiny --batch 2 --seq 64 --steps 2 --device cpu   # smoke test
 
 A step is exactly what `openjamba train` does per optimizer step (forward, cross-entropy + router aux loss,
-backward, gradient-norm clipping, fused AdamW skipped on the device when the loss is not finite, the
-loss read on the host one step later), on random tokens; steps run back to back and the mean is
+backward, gradient-norm clipping, the AdamW update (optim.fused "auto": ClippedAdamW, which clips as it
+updates) skipped on the device when the loss is not finite, the loss read on the host one step later), on random tokens; steps run back to back and the mean is
 reported. Variants:
     eager       bf16 weights (as the transformers + mamba-ssm figure in the anchors was measured)
     compile     the same with torch.compile per decoder layer
     autocast    fp32 master weights under bf16 autocast (what `openjamba train` uses on GPUs by default)
     compile-autocast  the same with torch.compile per decoder layer
     ac          eager with activation checkpointing
-    graph, compile-graph   eager / compile with the step's forward + backward + clipping replayed as one
-                CUDA graph (train.cuda_graph; the first steps run eagerly, then the step is captured)
+    graph, compile-graph   eager / compile with the step's forward + backward + gradient norm replayed as
+                one CUDA graph (train.cuda_graph; the first steps run eagerly, then the step is captured)
+    compile-graph-torch-adamw   compile-graph with torch's fused AdamW after clip_grad_norm_ instead of
+                ClippedAdamW (optim.fused "true" instead of "auto"; see openjamba/train/optim.py)
 MFU = tokens/s x (6 x active params + 12 x attention layers x hidden x seq) / peak, against the H200's
 989 TFLOP/s dense bf16 datasheet peak and the 792 TFLOP/s measured by an 8192^3 matmul. Reference:
 transformers JambaForCausalLM + mamba-ssm, same config and shapes: 79.7K tokens/s, 34.6 GB peak.
@@ -38,7 +40,7 @@ from openjamba.config import JambaConfig
 from openjamba.model import JambaForCausalLM
 from openjamba.train.config import TrainConfig
 from openjamba.train.metrics import H200_BF16_MEASURED, H200_BF16_PEAK, flops_per_token
-from openjamba.train.optim import build_optimizer
+from openjamba.train.optim import build_optimizer, optimizer_kind
 from openjamba.train.distributed import DistInfo
 from openjamba.train.trainer import StepRunner, prepare_model
 
@@ -50,6 +52,7 @@ VARIANTS = {
     "compile-autocast": dict(precision="autocast", compile=True),
     "graph": dict(precision="bf16", cuda_graph=True),
     "compile-graph": dict(precision="bf16", compile=True, cuda_graph=True),
+    "compile-graph-torch-adamw": dict(precision="bf16", compile=True, cuda_graph=True, fused="true"),
     "ac": dict(precision="bf16", activation_checkpointing=True),
 }
 
@@ -61,6 +64,7 @@ def run_variant(name: str, args, device: torch.device) -> dict:
     cfg.train.compile = spec.get("compile", False)
     cfg.train.cuda_graph = spec.get("cuda_graph", False)
     cfg.train.activation_checkpointing = spec.get("activation_checkpointing", False)
+    cfg.optim.fused = spec.get("fused", "auto")
     cfg.data.seq_len, cfg.data.batch_size = args.seq, args.batch
     torch.manual_seed(0)
     config = JambaConfig.from_name(args.preset)
@@ -120,7 +124,7 @@ def run_variant(name: str, args, device: torch.device) -> dict:
     fpt = flops_per_token(config, args.seq)
     result = {
         "variant": name, "precision": cfg.train.precision, "compile": cfg.train.compile,
-        "fused_adamw": bool(optimizer.defaults.get("fused")),
+        "adamw": optimizer_kind(optimizer),
         "activation_checkpointing": cfg.train.activation_checkpointing,
         "steps_timed": n, "warmup_s": round(warmup_s, 2), "step_ms": step_s * 1e3, "deferred_check": runner.deferred,
         "tokens_per_s": tps, "loss": last_loss[0],
