@@ -6,8 +6,8 @@
 
 A step is exactly what `openjamba train` does per optimizer step (forward, cross-entropy + router aux loss,
 backward, gradient-norm clipping, the AdamW update (optim.fused "auto": ClippedAdamW, which clips as it
-updates) skipped on the device when the loss is not finite, the loss read on the host one step later), on random tokens; steps run back to back and the mean is
-reported. Variants:
+updates) skipped on the device when the loss is not finite, the loss read on the host one step later),
+on random tokens; steps run back to back and the mean is reported. Variants:
     eager       bf16 weights (as the transformers + mamba-ssm figure in the anchors was measured)
     compile     the same with torch.compile per decoder layer
     autocast    fp32 master weights under bf16 autocast (what `openjamba train` uses on GPUs by default)

@@ -182,5 +182,6 @@ __all__ = [
     "BACKENDS", "BackendUnavailable", "set_backend", "get_backend", "resolve",
     "selective_scan", "selective_state_update", "causal_conv1d", "causal_conv1d_update", "moe_experts",
     "cross_entropy", "adamw_step", "adamw_step_ref", "selective_scan_ref", "selective_scan_chunked",
-    "selective_state_update_ref", "causal_conv1d_ref", "causal_conv1d_update_ref", "moe_experts_ref", "cross_entropy_ref",
+    "selective_state_update_ref", "causal_conv1d_ref", "causal_conv1d_update_ref", "moe_experts_ref",
+    "cross_entropy_ref",
 ]

@@ -131,3 +131,27 @@ def test_clipped_adamw_continues_a_torch_adamw_state():
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
     assert all(ours.state[p]["step"].item() == 4.0 for p in b)
     ta.load_state_dict(ours.state_dict())  # and back
+
+
+def test_triton_tables_follow_the_tensors_and_refuse_unaligned_ones(device, monkeypatch):
+    """One table key, two tensor lists of the same length and different sizes: each update is right (the
+    address tables are rebuilt, never reused for other sizes); a view 2 bytes into its storage is refused."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1") if device == "cpu" else None
+    from openjamba.ops.adamw.triton import adamw_step_triton
+
+    for shapes in ([(5,), (9000,)], [(9000,), (3,)]):
+        g = torch.Generator().manual_seed(len(shapes[0]))
+        ref = [[torch.randn(s, generator=g).to(device) for s in shapes] for _ in range(3)]
+        ref.append([torch.zeros((), device=device) for _ in shapes])
+        tri = clone(ref)
+        grads = [torch.randn(s, generator=g).to(device) for s in shapes]
+        ref[2] = [v.abs() for v in ref[2]]
+        tri[2] = [v.clone() for v in ref[2]]
+        adamw_step_ref(ref[0], grads, ref[1], ref[2], ref[3], **HP)
+        adamw_step_triton(tri[0], grads, tri[1], tri[2], tri[3], **HP, table_key="shared")
+        for r, t in zip(ref[0], tri[0]):
+            torch.testing.assert_close(t, r, rtol=1e-6, atol=1e-7)
+    base = torch.zeros(17, dtype=torch.bfloat16, device=device)
+    p = base[1:]
+    with pytest.raises(ValueError, match="16-byte boundary"):
+        adamw_step_triton([p], [p.clone()], [p.clone()], [p.clone()], [torch.zeros((), device=device)], **HP)

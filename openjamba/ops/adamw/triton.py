@@ -2,12 +2,12 @@
 
 Same contract as `adamw_step_ref` (ops/adamw/reference.py). The tensors are reached through a device
 table of their addresses, which must be 16-byte aligned so that whole blocks load and store 16 bytes at
-a time (only a tensor's last partial block is masked). The work is cut into chunks of CHUNK elements
-(a chunk never spans two tensors) and each program streams one chunk: it reads the parameter, gradient
-and both moments once and writes the parameter and moments once, 7 accesses per element (torch's fused
-AdamW after clip_grad_norm_ makes 9: the clipping reads and rewrites every gradient). The clip coefficient, the
-bias corrections and the found_inf guard are computed in every program from one-element device
-tensors, so nothing is read back to the host and a skipped step moves no data. All tensors of one
+a time (only a tensor's last partial block is masked). The work is cut into chunks of BLOCK x ITERS
+elements (a chunk never spans two tensors) and each program streams one chunk: it reads the parameter,
+gradient and both moments once and writes the parameter and moments once, 7 accesses per element
+(torch's fused AdamW after clip_grad_norm_ makes 9: the clipping reads and rewrites every gradient).
+The clip coefficient, the bias corrections and the found_inf guard are computed in every program from
+one-element device tensors, so nothing is read back to the host and a skipped step moves no data. All tensors of one
 launch share a dtype (parameters, gradients and moments alike); ClippedAdamW groups them so.
 """
 
@@ -94,19 +94,20 @@ def _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, base, n, coef, decay, step_size, bc
 
 
 class _Tables:
-    """Device tables of one launch, rebuilt only when a tensor moved (gradients set to None and
-    recreated) or the list changed."""
+    """Device tables of one launch, rebuilt whenever a tensor's address or size changed (gradients set
+    to None and recreated, a new list): the key holds both, so memory reused by other tensors of other
+    sizes never meets stale chunk tables."""
 
     def __init__(self):
         self.key = None
         self.ptrs = self.numels = self.chunk_tensor = self.chunk_index = None
 
     def get(self, tensors: list[list[torch.Tensor]], device: torch.device):
-        key = tuple(t.data_ptr() for row in tensors for t in row)
+        ptrs = [t.data_ptr() for row in tensors for t in row]
+        numels = [p.numel() for p in tensors[0]]
+        key = (*ptrs, *numels)
         if key != self.key:
-            n = len(tensors[0])
-            host = torch.tensor(key, dtype=torch.int64).view(len(tensors), n)
-            numels = [p.numel() for p in tensors[0]]
+            host = torch.tensor(ptrs, dtype=torch.int64).view(len(tensors), len(numels))
             chunks = [(i, c) for i, k in enumerate(numels) for c in range(triton.cdiv(k, BLOCK * ITERS))]
             self.ptrs = host.to(device)
             self.numels = torch.tensor(numels, dtype=torch.int64, device=device)
