@@ -167,13 +167,13 @@ def cross_entropy(logits, targets, ignore_index=-100):
 
 
 def adamw_step(params, grads, exp_avgs, exp_avg_sqs, steps, lr, weight_decay, beta1, beta2, eps, grad_norm=None,
-               max_norm=float("inf"), found_inf=None, table_key=None):
+               max_norm=float("inf"), found_inf=None, cache=None):
     """AdamW over lists of tensors with gradient-norm clipping folded in; see ops/adamw/reference.py.
-    `table_key` lets the Triton kernel keep its tables of tensor addresses between calls."""
+    `cache`, a dict the caller keeps per tensor list, holds the Triton kernel's address tables between calls."""
     if not params:
         return
     fn, choice = resolve("adamw", params[0].is_cuda)
-    extra = {"table_key": table_key} if choice == "triton" else {}
+    extra = {"cache": cache} if choice == "triton" else {}
     fn(params, grads, exp_avgs, exp_avg_sqs, steps, lr, weight_decay, beta1, beta2, eps, grad_norm=grad_norm,
        max_norm=max_norm, found_inf=found_inf, **extra)
 

@@ -64,6 +64,7 @@ class ClippedAdamW(torch.optim.AdamW):
         self.grad_norm: torch.Tensor | None = None
         self.max_norm = float("inf")
         self.found_inf: torch.Tensor | None = None
+        self._tables: dict = {}  # per (group, dtype): the Triton kernel's device tables of tensor addresses
 
     def clip_with(self, grad_norm: torch.Tensor | None, max_norm: float) -> None:
         """Clip the next step's gradients to total norm max_norm (<= 0: no clipping)."""
@@ -95,13 +96,13 @@ class ClippedAdamW(torch.optim.AdamW):
             for dtype, (params, grads, exp_avgs, exp_avg_sqs, steps) in by_dtype.items():
                 ops.adamw_step(params, grads, exp_avgs, exp_avg_sqs, steps, group["lr"], group["weight_decay"],
                                beta1, beta2, group["eps"], grad_norm=self.grad_norm, max_norm=self.max_norm,
-                               found_inf=self.found_inf, table_key=(id(self), gi, dtype))
+                               found_inf=self.found_inf, cache=self._tables.setdefault((gi, dtype), {}))
         self.grad_norm = None  # each step is given its own norm
         return None
 
 
 def optimizer_kind(optimizer: torch.optim.Optimizer) -> str:
-    """"triton" (ClippedAdamW), "fused" (torch's fused AdamW) or "foreach" (torch's default)."""
+    """Which AdamW: "triton" (ClippedAdamW), "fused" (torch's fused AdamW) or "foreach" (torch's default)."""
     if isinstance(optimizer, ClippedAdamW):
         return "triton"
     return "fused" if optimizer.defaults.get("fused") else "foreach"

@@ -38,13 +38,14 @@ def test_triton_matches_reference(dtype, clip, device, monkeypatch):
 
     ref = make_state(dtype, device)
     tri = clone(ref)
+    cache = {}
     n_steps = 3 if dtype == torch.float32 else 1  # bf16: one rounding apart, not compounded over steps
     for step in range(n_steps):
         grads = grads_of(dtype, device, step)
         norm = torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads])) if clip else None
         adamw_step_ref(ref[0], grads, ref[1], ref[2], ref[3], **HP, grad_norm=norm, max_norm=1.0)
         adamw_step_triton(tri[0], [g.clone() for g in grads], tri[1], tri[2], tri[3], **HP, grad_norm=norm,
-                          max_norm=1.0, table_key="test")
+                          max_norm=1.0, cache=cache)
         assert [t.item() for t in tri[3]] == [5.0 + step] * len(SHAPES)
     for row_r, row_t in zip(ref, tri):
         for r, t in zip(row_r, row_t):
@@ -134,11 +135,12 @@ def test_clipped_adamw_continues_a_torch_adamw_state():
 
 
 def test_triton_tables_follow_the_tensors_and_refuse_unaligned_ones(device, monkeypatch):
-    """One table key, two tensor lists of the same length and different sizes: each update is right (the
+    """One cache, two tensor lists of the same length and different sizes: each update is right (the
     address tables are rebuilt, never reused for other sizes); a view 2 bytes into its storage is refused."""
     monkeypatch.setenv("TRITON_INTERPRET", "1") if device == "cpu" else None
     from openjamba.ops.adamw.triton import adamw_step_triton
 
+    cache = {}
     for shapes in ([(5,), (9000,)], [(9000,), (3,)]):
         g = torch.Generator().manual_seed(len(shapes[0]))
         ref = [[torch.randn(s, generator=g).to(device) for s in shapes] for _ in range(3)]
@@ -148,7 +150,7 @@ def test_triton_tables_follow_the_tensors_and_refuse_unaligned_ones(device, monk
         ref[2] = [v.abs() for v in ref[2]]
         tri[2] = [v.clone() for v in ref[2]]
         adamw_step_ref(ref[0], grads, ref[1], ref[2], ref[3], **HP)
-        adamw_step_triton(tri[0], grads, tri[1], tri[2], tri[3], **HP, table_key="shared")
+        adamw_step_triton(tri[0], grads, tri[1], tri[2], tri[3], **HP, cache=cache)
         for r, t in zip(ref[0], tri[0]):
             torch.testing.assert_close(t, r, rtol=1e-6, atol=1e-7)
     base = torch.zeros(17, dtype=torch.bfloat16, device=device)

@@ -93,38 +93,45 @@ def _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, base, n, coef, decay, step_size, bc
         tl.store(v_ptr + offs, v.to(DTYPE))
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host table on the device without waiting for the GPU: through pinned memory, asynchronously
+    (a plain copy would synchronise the stream, and the gradients' addresses change every step when they
+    are set to None between steps)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 class _Tables:
-    """Device tables of one launch, rebuilt whenever a tensor's address or size changed (gradients set
-    to None and recreated, a new list): the key holds both, so memory reused by other tensors of other
-    sizes never meets stale chunk tables."""
+    """Device tables of one launch: the tensors' addresses, rebuilt whenever one moved (gradients set to
+    None and recreated), and the chunk layout, rebuilt whenever a size changed. Both keys are checked, so
+    memory reused by tensors of other sizes never meets stale chunk tables."""
 
     def __init__(self):
-        self.key = None
+        self.ptr_key = self.size_key = None
         self.ptrs = self.numels = self.chunk_tensor = self.chunk_index = None
 
     def get(self, tensors: list[list[torch.Tensor]], device: torch.device):
-        ptrs = [t.data_ptr() for row in tensors for t in row]
         numels = [p.numel() for p in tensors[0]]
-        key = (*ptrs, *numels)
-        if key != self.key:
-            host = torch.tensor(ptrs, dtype=torch.int64).view(len(tensors), len(numels))
+        if numels != self.size_key:
             chunks = [(i, c) for i, k in enumerate(numels) for c in range(triton.cdiv(k, BLOCK * ITERS))]
-            self.ptrs = host.to(device)
-            self.numels = torch.tensor(numels, dtype=torch.int64, device=device)
-            self.chunk_tensor = torch.tensor([c[0] for c in chunks], dtype=torch.int32, device=device)
-            self.chunk_index = torch.tensor([c[1] for c in chunks], dtype=torch.int32, device=device)
-            self.key = key
+            self.numels = _to_device(torch.tensor(numels, dtype=torch.int64), device)
+            self.chunk_tensor = _to_device(torch.tensor([c[0] for c in chunks], dtype=torch.int32), device)
+            self.chunk_index = _to_device(torch.tensor([c[1] for c in chunks], dtype=torch.int32), device)
+            self.size_key = numels
+        ptrs = [t.data_ptr() for row in tensors for t in row]
+        if ptrs != self.ptr_key:
+            self.ptrs = _to_device(torch.tensor(ptrs, dtype=torch.int64), device)
+            self.ptr_key = ptrs
         return self
-
-
-_tables: dict[tuple, _Tables] = {}
 
 
 def adamw_step_triton(params, grads, exp_avgs, exp_avg_sqs, steps, lr: float, weight_decay: float,
                       beta1: float, beta2: float, eps: float, grad_norm=None, max_norm: float = float("inf"),
-                      found_inf=None, table_key=None) -> None:
-    """See ops/adamw/reference.py. `table_key` names the caller's tensor list, so its address tables
-    are kept between steps (one entry per key)."""
+                      found_inf=None, cache: dict | None = None) -> None:
+    """See ops/adamw/reference.py. `cache` is a dict the caller keeps for this tensor list (ClippedAdamW
+    keeps one per parameter group and dtype): the device tables of addresses live there between steps
+    and go with it. Without one they are built for this call only."""
     if not params:
         return
     device = params[0].device
@@ -147,8 +154,9 @@ def adamw_step_triton(params, grads, exp_avgs, exp_avg_sqs, steps, lr: float, we
     if odd:
         raise ValueError(f"adamw_step_triton: {len(odd)} tensors do not start on a 16-byte boundary (views at an "
                          f"odd offset?); the kernel reads 16 bytes at a time")
-    key = (table_key, dtype, device, len(params), BLOCK * ITERS)
-    tables = _tables.setdefault(key, _Tables()).get([params, grads, exp_avgs, exp_avg_sqs, steps], device)
+    cache = {} if cache is None else cache
+    tables = cache.setdefault((dtype, device, BLOCK * ITERS), _Tables())
+    tables.get([params, grads, exp_avgs, exp_avg_sqs, steps], device)
     n_chunks = tables.chunk_tensor.numel()
     dummy = tables.numels  # any device pointer for the flags that are off
     _adamw_kernel[(n_chunks,)](
