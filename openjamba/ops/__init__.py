@@ -56,6 +56,11 @@ def _load_kernel(op: str):
     return _kernels[op]
 
 
+def _interpreting() -> bool:
+    """Whether Triton kernels run on the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _triton_usable() -> str | None:
     """None when Triton kernels can run on CUDA tensors here, else the reason they cannot."""
     try:
@@ -63,13 +68,9 @@ def _triton_usable() -> str | None:
         import triton  # noqa: F401
     except ImportError:
         return "Triton is not installed (pip install triton)"
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    if not torch.cuda.is_available() and not _interpreting():
         return "no CUDA device (set TRITON_INTERPRET=1 to run Triton kernels on the CPU interpreter)"
     return None
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def set_backend(name: str) -> None:
@@ -109,7 +110,7 @@ def resolve(op: str, on_cuda: bool):
             if backend == "triton":
                 raise BackendUnavailable(f"ops backend 'triton': no kernel for {op} ({kernel})")
             choice, fn = "reference", ref  # auto: this op has no kernel yet
-        elif backend == "triton" and not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        elif backend == "triton" and not on_cuda and not _interpreting():
             raise BackendUnavailable(f"ops backend 'triton' needs CUDA tensors for {op}")
         else:
             choice, fn = "triton", kernel
@@ -146,7 +147,7 @@ def moe_experts(x_TH, top_w_TK, top_idx_TK, w_gate_up_XFH, w_down_XHF):
 
     # torch's CUDA grouped GEMM is built for bf16; other dtypes take the per-expert loop (chosen visibly)
     on_cuda = x_TH.is_cuda
-    if on_cuda and x_TH.dtype != torch.bfloat16 and os.environ.get("TRITON_INTERPRET") != "1":
+    if on_cuda and x_TH.dtype != torch.bfloat16 and not _interpreting():
         if get_backend() == "triton":
             raise BackendUnavailable(f"ops backend 'triton': the CUDA grouped GEMM of moe_experts needs bf16 "
                                      f"inputs, got {x_TH.dtype}")

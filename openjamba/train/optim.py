@@ -5,7 +5,8 @@ Which AdamW runs is chosen by `optim.fused` and named in the model line the trai
               clipping (the gradients are read once and never rewritten); CUDA, one process
     "true"    torch.optim.AdamW(fused=True) after torch's clip_grad_norm_; CUDA
     "false"   torch.optim.AdamW (for-each implementation) after clip_grad_norm_; any device
-    "auto"    "triton" on CUDA in one process when Triton is importable, else "true" on CUDA, else "false"
+    "auto"    "triton" on CUDA in one process when the ops dispatch runs its Triton kernel there (Triton
+              importable, ops backend not "reference"), else "true" on CUDA, else "false"
 """
 
 from __future__ import annotations
@@ -116,10 +117,10 @@ def guards_on_device(optimizer: torch.optim.Optimizer) -> bool:
 def build_optimizer(model: nn.Module, cfg, device: torch.device, world_size: int = 1) -> torch.optim.AdamW:
     """AdamW over `param_groups`, the implementation chosen by cfg.fused (see the module docstring)."""
     choice = cfg.fused
-    if choice == "auto":
-        triton_ok = ops._triton_usable() is None and ops.get_backend() != "reference"
-        choice = ("triton" if device.type == "cuda" and world_size == 1 and triton_ok
-                  else "true" if device.type == "cuda" else "false")
+    if choice == "auto":  # the ops dispatch decides (and logs) whether the Triton kernel runs on CUDA here
+        on_gpu = device.type == "cuda"
+        triton_ok = on_gpu and world_size == 1 and ops.resolve("adamw", on_cuda=True)[1] == "triton"
+        choice = "triton" if triton_ok else "true" if on_gpu else "false"
     groups = param_groups(model, cfg.weight_decay, cfg.decay_embeddings)
     # The names are kept for reports only: the optimizer state is keyed by position.
     groups = [{k: v for k, v in g.items() if k != "names"} for g in groups if g["params"]]

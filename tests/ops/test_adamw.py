@@ -131,7 +131,11 @@ def test_clipped_adamw_continues_a_torch_adamw_state():
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
     assert all(ours.state[p]["step"].item() == 4.0 for p in b)
-    ta.load_state_dict(ours.state_dict())  # and back
+    back = torch.optim.AdamW(groups([p.detach().clone().requires_grad_() for p in b]), **kw)
+    back.load_state_dict(ours.state_dict())  # and back into torch's optimizer
+    for p, q in zip(b, back.param_groups[0]["params"] + back.param_groups[1]["params"]):
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(back.state[q][key].cpu(), ours.state[p][key].cpu())
 
 
 def test_triton_tables_follow_the_tensors_and_refuse_unaligned_ones(device, monkeypatch):
