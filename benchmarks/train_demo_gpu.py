@@ -1,15 +1,20 @@
 """GPU demo: train the jamba-100m preset on the Python sources of this machine for a fixed time budget.
 
     python benchmarks/train_demo_gpu.py                       # 4000 steps or 7.5 minutes
-    python benchmarks/train_demo_gpu.py --steps 7200 --max-seconds 520 --max-mb 400   # 6865 steps in 523 s
-                                                                  # on an H200 (225M tokens)
+    python benchmarks/train_demo_gpu.py --steps 8400 --max-seconds 600 --max-mb 400   # 10 minutes
+    python benchmarks/train_demo_gpu.py --steps 8400 --max-seconds 600 --max-mb 400 --segment-seconds 525
+    python benchmarks/train_demo_gpu.py --steps 8400 --max-seconds 600 --max-mb 400 --resume
+                                  # the same 10 minutes in two processes: the second resumes the first's
+                                  # checkpoint (exact resume) and trains the time that is left
     python benchmarks/train_demo_gpu.py --preset jamba-10m --max-mb 1 --steps 20 --seq 64 --batch 4 \
         --max-seconds 60 --device cpu                         # smoke test
 
 Corpus: every .py file of the standard library and of site-packages (torch, triton, numpy ... are real
 code present on any training machine), up to --max-mb. A byte-level BPE tokenizer of the preset's vocabulary
 is trained on a deterministic sample of the files, the files are tokenised into shards (0.5% held out),
-and `openjamba.train.trainer.train` runs with validation every --eval-interval steps. Writes
+and `openjamba.train.trainer.train` runs with validation every --eval-interval steps. --max-seconds is the
+training time of the whole run; --segment-seconds stops this process earlier with a checkpoint, and --resume
+continues from it (the corpus is prepared once), so a run can outlast a limit on one process. Writes
 benchmarks/results/train_demo_<preset>.json (validation loss vs steps, tokens/s, MFU, a sample) and
 train_demo_<preset>.png (the loss curves; needs matplotlib).
 """
@@ -81,7 +86,12 @@ def plot(records: list[dict], path: str, title: str) -> str | None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="jamba-100m")
-    p.add_argument("--max-seconds", type=float, default=450, help="training time budget (default 450)")
+    p.add_argument("--max-seconds", type=float, default=450,
+                   help="training time of the whole run, over all its segments (default 450)")
+    p.add_argument("--segment-seconds", type=float, default=0,
+                   help="stop this process after this much training (with a checkpoint); 0 = the time left")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --work: its corpus, checkpoint, metrics and time spent")
     p.add_argument("--steps", type=int, default=4000,
                    help="cosine schedule length (training stops earlier at --max-seconds)")
     p.add_argument("--batch", type=int, default=32)
@@ -99,42 +109,74 @@ def main(argv=None) -> int:
 
     from openjamba.config import JambaConfig
     from openjamba.train.config import TrainConfig
-    from openjamba.train.data import iter_texts, prepare
+    from openjamba.train.checkpointing import write_json_atomic
+    from openjamba.train.data import iter_texts, prepare, read_index
     from openjamba.train.metrics import read_metrics
     from openjamba.train.tokenizer import train_tokenizer
     from openjamba.train.trainer import train
 
     t0 = time.perf_counter()
-    vocab = JambaConfig.from_name(args.preset).vocab_size
-    files = python_sources(int(args.max_mb * 1e6))
-    size = sum(os.path.getsize(f) for f in files)
-    print(f"corpus: {len(files)} files, {size / 1e6:.0f} MB")
     os.makedirs(args.work, exist_ok=True)
     tok_path = os.path.join(args.work, "tokenizer.json")
-    stride = max(1, round(size / (args.tokenizer_mb * 1e6)))
-    sample = files[::stride]
-    train_tokenizer(iter_texts(sample), vocab, length=len(sample)).save(tok_path)
     data = os.path.join(args.work, "data")
-    index = prepare(files, tok_path, data, val_fraction=0.005, seed=0, workers=min(16, os.cpu_count() or 1))
-    prep_s = time.perf_counter() - t0
-    print(f"tokenizer + shards: {prep_s:.0f} s; {index['splits']['train']['tokens']:,} train tokens")
+    out_dir = os.path.join(args.work, "run")
+    segments_path = os.path.join(args.work, "segments.json")  # the run's processes so far
+    files = python_sources(int(args.max_mb * 1e6))
+    size = sum(os.path.getsize(f) for f in files)
+    if args.resume:
+        if not os.path.exists(segments_path):
+            print(f"--resume: {args.work} holds no run to continue (no segments.json); start one without --resume",
+                  file=sys.stderr)
+            return 2
+        with open(segments_path) as f:
+            segments = json.load(f)
+        index = read_index(data)
+        prep_s = segments[0]["prepare_seconds"]
+        print(f"resuming the run in {args.work}: {len(segments)} segment(s), "
+              f"{sum(s['train_seconds'] for s in segments):.0f} s trained")
+    else:
+        print(f"corpus: {len(files)} files, {size / 1e6:.0f} MB")
+        vocab = JambaConfig.from_name(args.preset).vocab_size
+        stride = max(1, round(size / (args.tokenizer_mb * 1e6)))
+        sample = files[::stride]
+        train_tokenizer(iter_texts(sample), vocab, length=len(sample)).save(tok_path)
+        index = prepare(files, tok_path, data, val_fraction=0.005, seed=0, workers=min(16, os.cpu_count() or 1))
+        prep_s = time.perf_counter() - t0
+        print(f"tokenizer + shards: {prep_s:.0f} s; {index['splits']['train']['tokens']:,} train tokens")
+        segments = []
+        for stale in ("metrics.jsonl", "summary.json"):
+            if os.path.exists(os.path.join(out_dir, stale)):
+                os.remove(os.path.join(out_dir, stale))
+    left = args.max_seconds - sum(s["train_seconds"] for s in segments)
+    if left <= 0:
+        print(f"the run's {args.max_seconds:.0f} s are spent", file=sys.stderr)
+        return 2
+    budget = min(left, args.segment_seconds) if args.segment_seconds > 0 else left
+    final = budget >= left  # the last segment exports the model and writes the results
 
     cfg = TrainConfig()
     cfg.model.preset = args.preset
     cfg.data.train, cfg.data.seq_len, cfg.data.batch_size = data, args.seq, args.batch
     cfg.optim.lr, cfg.optim.warmup_steps = args.lr, min(200, args.steps // 10)
-    cfg.train.out_dir = os.path.join(args.work, "run")
-    cfg.train.max_steps, cfg.train.max_seconds = args.steps, args.max_seconds
+    cfg.train.out_dir = out_dir
+    cfg.train.max_steps, cfg.train.max_seconds, cfg.train.export = args.steps, budget, final
     cfg.train.device, cfg.train.compile, cfg.train.precision = args.device, args.compile, args.precision
     cfg.train.sample_prompt, cfg.train.sample_tokens = "import torch\n\n\ndef ", 120
     cfg.eval.interval, cfg.eval.steps = args.eval_interval, 20
     cfg.checkpoint.interval, cfg.checkpoint.keep_last = 0, 1
     cfg.log.interval = 10
-    if os.path.exists(os.path.join(cfg.train.out_dir, "metrics.jsonl")):
-        os.remove(os.path.join(cfg.train.out_dir, "metrics.jsonl"))
-    summary = train(cfg)
-    records = read_metrics(os.path.join(cfg.train.out_dir, "metrics.jsonl"))
+    summary = train(cfg, resume=args.resume)
+    segments.append({"prepare_seconds": prep_s, "train_seconds": summary["seconds"], "steps": summary["steps"],
+                     "stop_reason": summary["stop_reason"]})
+    write_json_atomic(segments_path, segments)
+    train_s = sum(s["train_seconds"] for s in segments)
+    if not final:
+        print(f"\nsegment {len(segments)}: step {summary['steps']} after {train_s:.0f} s of training; "
+              f"{args.max_seconds - train_s:.0f} s left: continue with --resume")
+        return 0
+    records = read_metrics(os.path.join(out_dir, "metrics.jsonl"))
     train_recs = [r for r in records if r["split"] == "train"]
+    val_losses = [(r["step"], r["loss"]) for r in records if r["split"] == "val"]
     steady = train_recs[len(train_recs) // 4:] or train_recs  # past warm-up / compilation
     tps = sorted(r["tokens_per_s"] for r in steady)[len(steady) // 2]
     mfus = sorted(r.get("mfu", 0.0) for r in steady)
@@ -142,7 +184,7 @@ def main(argv=None) -> int:
     machine = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     counts = JambaConfig.from_name(args.preset).param_counts()
     title = (f"{args.preset} ({counts['total'] / 1e6:.0f}M / {counts['active'] / 1e6:.0f}M active), "
-             f"{summary['steps']} steps x {args.batch}x{args.seq} tokens, {machine}")
+             f"{summary['steps']} steps x {args.batch}x{args.seq} tokens in {train_s:.0f} s, {machine}")
     os.makedirs(RESULTS, exist_ok=True)
     png = plot(records, os.path.join(RESULTS, f"train_demo_{args.preset}.png"), title)
     result = {
@@ -150,18 +192,18 @@ def main(argv=None) -> int:
         "corpus_files": len(files), "corpus_mb": size / 1e6,
         "train_tokens_in_corpus": index["splits"]["train"]["tokens"],
         "batch": args.batch, "seq_len": args.seq, "lr": args.lr, "compile": args.compile, "precision": args.precision,
-        "prepare_seconds": prep_s, "train_seconds": summary["seconds"], "steps": summary["steps"],
+        "prepare_seconds": prep_s, "train_seconds": train_s, "segments": segments, "steps": summary["steps"],
         "tokens": summary["tokens"], "median_tokens_per_s": tps, "median_mfu_vs_989": mfus[len(mfus) // 2],
-        "first_loss": summary["first_loss"], "last_loss": summary["last_loss"],
-        "val_loss_vs_step": summary["val_losses"], "sample": summary.get("sample"), "png": os.path.basename(png) if png else None,
+        "first_loss": train_recs[0]["loss"], "last_loss": train_recs[-1]["loss"],
+        "val_loss_vs_step": val_losses, "sample": summary.get("sample"), "png": os.path.basename(png) if png else None,
         "peak_mem_gb": train_recs[-1].get("peak_mem_gb"),
     }
     out = os.path.join(RESULTS, f"train_demo_{args.preset}.json")
     with open(out, "w") as f:
         json.dump(result, f, indent=2)
-    print(f"\n{summary['steps']} steps in {summary['seconds']:.0f} s, median {tps / 1e3:.0f}K tokens/s; "
-          f"loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}")
-    for step, loss in summary["val_losses"]:
+    print(f"\n{summary['steps']} steps in {train_s:.0f} s ({len(segments)} segment(s)), median {tps / 1e3:.0f}K "
+          f"tokens/s; loss {result['first_loss']:.3f} -> {result['last_loss']:.3f}")
+    for step, loss in val_losses:
         print(f"  step {step:>6}: validation loss {loss:.4f}")
     print(f"sample:\n{summary.get('sample')}\nwrote {out}" + (f" and {png}" if png else ""))
     return 0
