@@ -58,6 +58,10 @@ class ClippedAdamW(torch.optim.AdamW):
     float device tensor, as torch's fused AdamW takes it) skips the whole update on the device when non-zero.
     The state (step, exp_avg, exp_avg_sq per parameter) has torch's layout, so checkpoints move freely
     between this and torch.optim.AdamW; steps live on the parameters' device as float32.
+
+    After `keep_lr_on_device()` the kernels read each group's learning rate from a device tensor that
+    `stage_lr()` fills from the groups' "lr" without a host wait: a CUDA graph that captured `step()`
+    then follows the schedule (the trainer's train.cuda_graph captures the update so).
     """
 
     def __init__(self, params, lr: float, betas: tuple[float, float], eps: float, weight_decay: float = 1e-2):
@@ -66,6 +70,21 @@ class ClippedAdamW(torch.optim.AdamW):
         self.max_norm = float("inf")
         self.found_inf: torch.Tensor | None = None
         self._tables: dict = {}  # per (group, dtype): the Triton kernel's device tables of tensor addresses
+        self._lr_device: torch.Tensor | None = None  # one float32 per group, see keep_lr_on_device
+
+    def keep_lr_on_device(self, device: torch.device) -> None:
+        """From now on the update reads the learning rates from a device tensor; call `stage_lr()` after
+        changing a group's "lr"."""
+        self._lr_device = torch.zeros(len(self.param_groups), dtype=torch.float32, device=device)
+        self.stage_lr()
+
+    def stage_lr(self) -> None:
+        """Copy the groups' learning rates to the device tensor, queued on the current stream (the update
+        that follows reads them; the host does not wait)."""
+        lrs = torch.tensor([float(g["lr"]) for g in self.param_groups], dtype=torch.float32)
+        if self._lr_device.is_cuda:
+            lrs = lrs.pin_memory()  # a new pinned buffer per call: it is not rewritten while the copy waits
+        self._lr_device.copy_(lrs, non_blocking=True)
 
     def clip_with(self, grad_norm: torch.Tensor | None, max_norm: float) -> None:
         """Clip the next step's gradients to total norm max_norm (<= 0: no clipping)."""
@@ -94,8 +113,9 @@ class ClippedAdamW(torch.optim.AdamW):
                 for row, t in zip(lists, (p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"])):
                     row.append(t)
             beta1, beta2 = group["betas"]
+            lr = group["lr"] if self._lr_device is None else self._lr_device[gi]
             for dtype, (params, grads, exp_avgs, exp_avg_sqs, steps) in by_dtype.items():
-                ops.adamw_step(params, grads, exp_avgs, exp_avg_sqs, steps, group["lr"], group["weight_decay"],
+                ops.adamw_step(params, grads, exp_avgs, exp_avg_sqs, steps, lr, group["weight_decay"],
                                beta1, beta2, group["eps"], grad_norm=self.grad_norm, max_norm=self.max_norm,
                                found_inf=self.found_inf, cache=self._tables.setdefault((gi, dtype), {}))
         self.grad_norm = None  # each step is given its own norm

@@ -166,11 +166,17 @@ class GraphedStep:
     the inputs are copied into static device buffers first, and the gradients, loss and norm live at
     fixed addresses in the graph's memory pool. The gradients are overwritten (not accumulated) by each
     replay, because they are None when the step is captured, so they must never be set to None
-    afterwards. The optimizer step stays outside the graph (StepRunner applies or skips it per the NaN
-    policy, and the learning rate changes every step).
+    afterwards.
+
+    Given a ClippedAdamW (`optimizer`), its update is captured as a second graph replayed right after the
+    first: it skips itself on the device when the loss or the norm is not finite, and reads the learning
+    rate from a device tensor staged before each replay, so the host issues nothing else per step.
+    Otherwise the optimizer step stays outside the graphs (StepRunner applies or skips it per the NaN
+    policy).
     """
 
-    def __init__(self, model, config: JambaConfig, cfg: TrainConfig, precision: str, dist, clip: bool = True):
+    def __init__(self, model, config: JambaConfig, cfg: TrainConfig, precision: str, dist, clip: bool = True,
+                 optimizer: ClippedAdamW | None = None):
         if dist.device.type != "cuda":
             raise ValueError("train.cuda_graph needs a CUDA device")
         if dist.world_size > 1:
@@ -180,8 +186,8 @@ class GraphedStep:
             raise ValueError("train.cuda_graph with MoE layers needs train.precision \"bf16\" or \"autocast\": "
                              "in fp32 the experts run a per-expert loop that reads the routing on the host")
         self.model, self.config, self.cfg, self.precision, self.dist = model, config, cfg, precision, dist
-        self.clip = clip
-        self.graph = None
+        self.clip, self.optimizer = clip, optimizer
+        self.graph = self.update_graph = None
         self.static: list[torch.Tensor] = []
         self.check = None
         self.side = torch.cuda.Stream(dist.device)
@@ -209,11 +215,36 @@ class GraphedStep:
         with torch.cuda.graph(self.graph):
             self.check = loss_and_norm(self.model, self.static, self.config, self.cfg, self.precision, self.dist,
                                        self.clip)
+        if self.optimizer is not None:
+            self._capture_update()
 
-    def replay(self, batches: list[torch.Tensor]) -> torch.Tensor:
+    def _capture_update(self) -> None:
+        opt, max_norm = self.optimizer, self.cfg.optim.grad_clip
+        opt.keep_lr_on_device(self.dist.device)  # the eager warm-up steps before used the host's floats
+        # First a skipped update (found_inf = 1), uncaptured: it builds the kernel's address tables for
+        # the gradients the graph owns (a table upload inside a capture would be replayed from a host
+        # buffer) and compiles the kernel; no parameter, moment or step changes
+        opt.found_inf = torch.ones((), device=self.dist.device)
+        opt.clip_with(self.check[1], max_norm)
+        opt.step()
+        torch.cuda.synchronize(self.dist.device)
+        self.update_graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.update_graph, pool=self.graph.pool()):  # replayed after self.graph
+            opt.found_inf = (~torch.isfinite(self.check).all()).float()
+            opt.clip_with(self.check[1], max_norm)
+            opt.step()
+
+    def replay(self, batches: list[torch.Tensor], lr: float | None = None) -> torch.Tensor:
+        """Replay the step (and the update, when captured, at learning rate `lr`); returns
+        stack(loss, grad norm)."""
         for dst, src in zip(self.static, batches):
             dst.copy_(src, non_blocking=True)
+        if self.update_graph is not None:
+            set_lr(self.optimizer, lr)
+            self.optimizer.stage_lr()
         self.graph.replay()
+        if self.update_graph is not None:
+            self.update_graph.replay()
         return self.check
 
 
@@ -238,26 +269,28 @@ class StepRunner:
         self.model, self.optimizer, self.config, self.cfg, self.precision, self.dist = (
             model, optimizer, config, cfg, precision, dist)
         self.fold_clip = isinstance(optimizer, ClippedAdamW) and dist.world_size == 1
-        self.graphed = (GraphedStep(model, config, cfg, precision, dist, clip=not self.fold_clip)
+        self.deferred = dist.device.type == "cuda" and dist.world_size == 1 and guards_on_device(optimizer)
+        self.graphed = (GraphedStep(model, config, cfg, precision, dist, clip=not self.fold_clip,
+                                    optimizer=optimizer if self.fold_clip and self.deferred else None)
                         if cfg.train.cuda_graph else None)
         self.eager_steps = 0
-        self.deferred = dist.device.type == "cuda" and dist.world_size == 1 and guards_on_device(optimizer)
 
-    def _forward_backward(self, batches: list[torch.Tensor]) -> torch.Tensor:
-        """stack(loss, grad norm) on the device."""
+    def _forward_backward(self, batches: list[torch.Tensor], lr: float) -> tuple[torch.Tensor, bool]:
+        """stack(loss, grad norm) on the device, and whether the update was applied too (a replayed graph
+        that holds it)."""
         g = self.graphed
         if g is not None:
             if self.eager_steps < GRAPH_WARMUP_STEPS:
                 self.eager_steps += 1
-                return g.eager(batches)
+                return g.eager(batches), False
             if not g.captured:
                 g.capture(batches)
-            return g.replay(batches)
+            return g.replay(batches, lr), g.update_graph is not None
         check = loss_and_norm(self.model, batches, self.config, self.cfg, self.precision, self.dist,
                               not self.fold_clip)
         if self.dist.world_size > 1:
             check = distributed.all_reduce_mean(check, self.dist)
-        return check
+        return check, False
 
     def _drop_grads(self) -> None:
         if self.graphed is None or not self.graphed.captured:  # a replay overwrites the captured gradients
@@ -272,11 +305,12 @@ class StepRunner:
 
     def launch(self, batches: list[torch.Tensor], lr: float) -> dict:
         """Queue one step; `finish` it (now or, when deferred, after launching the next)."""
-        check = self._forward_backward(batches)
+        check, updated = self._forward_backward(batches, lr)
         if not self.deferred:
             return {"check": check, "lr": lr}
-        self.optimizer.found_inf = (~torch.isfinite(check).all()).float()
-        self._update(lr, check)
+        if not updated:
+            self.optimizer.found_inf = (~torch.isfinite(check).all()).float()
+            self._update(lr, check)
         host = torch.empty(2, dtype=torch.float32, pin_memory=True)
         host.copy_(check, non_blocking=True)
         done = torch.cuda.Event()

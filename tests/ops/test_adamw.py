@@ -161,3 +161,48 @@ def test_triton_tables_follow_the_tensors_and_refuse_unaligned_ones(device, monk
     p = base[1:]
     with pytest.raises(ValueError, match="16-byte boundary"):
         adamw_step_triton([p], [p.clone()], [p.clone()], [p.clone()], [torch.zeros((), device=device)], **HP)
+
+
+def test_triton_reads_a_device_lr(device, monkeypatch):
+    """lr given as a one-element device tensor: the same update as the float, and a wrong tensor is refused."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1") if device == "cpu" else None
+    from openjamba.ops.adamw.triton import adamw_step_triton
+
+    hp = {k: v for k, v in HP.items() if k != "lr"}
+    as_float, as_tensor = make_state(torch.float32, device), make_state(torch.float32, device)
+    grads = grads_of(torch.float32, device, 0)
+    adamw_step_triton(as_float[0], grads, as_float[1], as_float[2], as_float[3], lr=HP["lr"], **hp)
+    lr = torch.tensor([0.0, HP["lr"]], device=device)[1]  # a view at an offset, as ClippedAdamW passes it
+    adamw_step_triton(as_tensor[0], grads, as_tensor[1], as_tensor[2], as_tensor[3], lr=lr, **hp)
+    for row_f, row_t in zip(as_float, as_tensor):
+        for f, t in zip(row_f, row_t):
+            assert torch.equal(f, t)
+    with pytest.raises(ValueError, match="tensor lr must be one float32"):
+        adamw_step_triton(as_tensor[0], grads, as_tensor[1], as_tensor[2], as_tensor[3],
+                          lr=torch.tensor(1e-3, dtype=torch.float64, device=device), **hp)
+
+
+@pytest.mark.gpu
+def test_clipped_adamw_step_never_waits_for_the_gpu():
+    """An update with the clipping and the found_inf guard only queues work: under torch's sync debug mode
+    any host wait (a tensor read as a Python number, a blocking copy) is an error. Covers the steady state
+    and new gradients (tables rebuilt through pinned memory)."""
+    params = [torch.randn(s, device="cuda", requires_grad=True) for s in SHAPES]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = ClippedAdamW([{"params": params}], lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
+    norm = torch.tensor(2.0, device="cuda")
+    opt.found_inf = torch.zeros((), device="cuda")
+    opt.clip_with(norm, 1.0)
+    opt.step()  # creates the state
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            opt.clip_with(norm, 1.0)
+            opt.step()
+            for p in params:
+                p.grad = torch.randn_like(p)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert all(opt.state[p]["step"].item() == 3.0 for p in params)

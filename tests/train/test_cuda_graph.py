@@ -57,3 +57,58 @@ def test_graphed_training_matches_eager(data_dir, tmp_path, compile):
     assert [r["step"] for r in again] == [5, 6, 7, 8]
     for a, b in zip(runs[False][4:], again):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-3, abs=1e-5), a["step"]
+
+
+@pytest.mark.gpu
+def test_captured_update_follows_the_lr_and_skips_non_finite_steps():
+    """ClippedAdamW's update captured in the graph: a replay at lr 0 leaves every weight bit for bit (the
+    rate is read on the device at each replay, not frozen at the capture), one at lr > 0 moves them, and a
+    replay whose loss is NaN changes no weight, moment or step count."""
+    import torch
+
+    from openjamba import JambaConfig, JambaForCausalLM
+    from openjamba.train.config import TrainConfig
+    from openjamba.train.distributed import DistInfo
+    from openjamba.train.optim import ClippedAdamW, build_optimizer
+    from openjamba.train.trainer import StepRunner, prepare_model
+
+    config = JambaConfig.from_name("jamba-tiny", vocab_size=300)
+    torch.manual_seed(0)
+    cfg = TrainConfig()
+    cfg.train.cuda_graph, cfg.train.precision = True, "bf16"
+    dist = DistInfo(device=torch.device("cuda"))
+    model = prepare_model(JambaForCausalLM(config), cfg, dist, "bf16")
+    optimizer = build_optimizer(model, cfg.optim, dist.device)
+    assert isinstance(optimizer, ClippedAdamW)
+    runner = StepRunner(model, optimizer, config, cfg, "bf16", dist)
+    batch = torch.randint(0, 300, (2, 33), generator=torch.Generator().manual_seed(0)).pin_memory()
+    params = list(model.parameters())
+
+    def step(lr):
+        return runner.finish(runner.launch([batch], lr))
+
+    def bits():
+        return [p.detach().view(torch.int16).clone() for p in params]
+
+    def states(key):
+        return [optimizer.state[p][key].clone() for p in params]
+
+    for _ in range(GRAPH_WARMUP_STEPS + 1):  # eager warm-up steps, then the capture and its first replay
+        step(1e-3)
+    assert runner.graphed.update_graph is not None
+    before, counts = bits(), states("step")
+    assert step(0.0)[2]
+    assert all(torch.equal(a, b) for a, b in zip(bits(), before))
+    assert all(torch.equal(a, b + 1) for a, b in zip(states("step"), counts))
+    assert step(1e-3)[2]
+    matrices = [not torch.equal(a, b) for a, b, p in zip(bits(), before, params) if p.ndim >= 2]
+    assert sum(matrices) >= 0.75 * len(matrices)  # (norm gains of 1.0 may not move by a bf16 ulp)
+
+    with torch.no_grad():  # NaN logits for token 0 at every position, whether or not the head is tied
+        model.lm_head.weight.view(-1)[0] = float("nan")
+    before, counts, moments = bits(), states("step"), states("exp_avg")
+    loss, norm, applied = step(1e-3)
+    assert not applied and loss != loss
+    assert all(torch.equal(a, b) for a, b in zip(bits(), before))
+    assert all(torch.equal(a, b) for a, b in zip(states("step"), counts))
+    assert all(torch.equal(a, b) for a, b in zip(states("exp_avg"), moments))

@@ -16,7 +16,8 @@ AdamW, `torch.optim.AdamW(fused=True)`):
 and step += 1. With found_inf (a one-element float tensor) non-zero nothing changes: no parameter,
 moment or step. The gradients are only read: the clipping never writes them, which is the point of
 folding it into the update (torch's clip_grad_norm_ rewrites every gradient before the optimizer reads
-it again). Steps are float32 one-element tensors, as torch's fused AdamW keeps them.
+it again). Steps are float32 one-element tensors, as torch's fused AdamW keeps them. lr is a float or a
+one-element tensor.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def adamw_step_ref(params, grads, exp_avgs, exp_avg_sqs, steps, lr: float, weigh
     if found_inf is not None and bool(found_inf.item() != 0):
         return
     coef = clip_coefficient(grad_norm, max_norm)
+    lr = float(lr)
     for p, g, m, v, s in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
         t = float(s.item()) + 1
         g32 = g.float() * coef

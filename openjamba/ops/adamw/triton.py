@@ -29,9 +29,9 @@ _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl
 
 
 @triton.jit
-def _adamw_kernel(ptrs, numels, chunk_tensor, chunk_index, norm_ptr, found_ptr, n_tensors,
+def _adamw_kernel(ptrs, numels, chunk_tensor, chunk_index, norm_ptr, found_ptr, lr_ptr, n_tensors,
                   lr, weight_decay, beta1, beta2, eps, max_norm,
-                  DTYPE: tl.constexpr, HAS_NORM: tl.constexpr, HAS_FOUND: tl.constexpr,
+                  DTYPE: tl.constexpr, HAS_NORM: tl.constexpr, HAS_FOUND: tl.constexpr, LR_ON_DEVICE: tl.constexpr,
                   BLOCK: tl.constexpr, ITERS: tl.constexpr):
     pid = tl.program_id(0)
     t = tl.load(chunk_tensor + pid)
@@ -49,6 +49,8 @@ def _adamw_kernel(ptrs, numels, chunk_tensor, chunk_index, norm_ptr, found_ptr, 
     coef = 1.0
     if HAS_NORM:
         coef = tl.minimum(max_norm / (tl.load(norm_ptr).to(tl.float32) + 1e-6), 1.0)
+    if LR_ON_DEVICE:  # read at run time, so a captured CUDA graph follows the schedule
+        lr = tl.load(lr_ptr).to(tl.float32)
     step = tl.load(s_ptr) + 1.0
     bc1 = 1.0 - tl.exp2(step * tl.log2(beta1))
     bc2_sqrt = tl.sqrt(1.0 - tl.exp2(step * tl.log2(beta2)))
@@ -132,7 +134,9 @@ def adamw_step_triton(params, grads, exp_avgs, exp_avg_sqs, steps, lr: float, we
                       found_inf=None, cache: dict | None = None) -> None:
     """See ops/adamw/reference.py. `cache` is a dict the caller keeps for this tensor list (ClippedAdamW
     keeps one per parameter group and dtype): the device tables of addresses live there between steps
-    and go with it. Without one they are built for this call only."""
+    and go with it. Without one they are built for this call only. `lr` is a float or a one-element
+    float32 tensor on the parameters' device, read by the kernel when it runs (so that a CUDA graph that
+    captured the call follows a learning-rate schedule)."""
     if not params:
         return
     device = params[0].device
@@ -155,6 +159,10 @@ def adamw_step_triton(params, grads, exp_avgs, exp_avg_sqs, steps, lr: float, we
     if odd:
         raise ValueError(f"adamw_step_triton: {len(odd)} tensors do not start on a 16-byte boundary (views at an "
                          f"odd offset?); the kernel reads 16 bytes at a time")
+    lr_on_device = isinstance(lr, torch.Tensor)
+    if lr_on_device and (lr.dtype != torch.float32 or lr.numel() != 1 or lr.device != device):
+        raise ValueError(f"adamw_step_triton: a tensor lr must be one float32 element on {device}; got {lr.dtype} "
+                         f"{tuple(lr.shape)} on {lr.device}")
     cache = {} if cache is None else cache
     tables = cache.setdefault((dtype, device, BLOCK * ITERS), _Tables())
     tables.get([params, grads, exp_avgs, exp_avg_sqs, steps], device)
@@ -163,10 +171,10 @@ def adamw_step_triton(params, grads, exp_avgs, exp_avg_sqs, steps, lr: float, we
     _adamw_kernel[(n_chunks,)](
         tables.ptrs, tables.numels, tables.chunk_tensor, tables.chunk_index,
         grad_norm if grad_norm is not None else dummy, found_inf if found_inf is not None else dummy,
-        len(params), float(lr), float(weight_decay), float(beta1), float(beta2), float(eps), float(max_norm),
-        DTYPE=_TL[dtype], HAS_NORM=grad_norm is not None, HAS_FOUND=found_inf is not None,
+        lr if lr_on_device else dummy, len(params), 0.0 if lr_on_device else float(lr), float(weight_decay), float(beta1), float(beta2), float(eps), float(max_norm),
+        DTYPE=_TL[dtype], HAS_NORM=grad_norm is not None, HAS_FOUND=found_inf is not None, LR_ON_DEVICE=lr_on_device,
         BLOCK=BLOCK, ITERS=ITERS, num_warps=NUM_WARPS)
     if found_inf is None:
         torch._foreach_add_(steps, 1.0)
-    else:
-        torch._foreach_add_(steps, 1.0 - found_inf.float())
+    else:  # a list of one-element tensors: a lone 0-dim tensor would be read on the host as a Python scalar
+        torch._foreach_add_(steps, [1.0 - found_inf.float()] * len(steps))
