@@ -14,9 +14,13 @@ on random tokens; steps run back to back and the mean is reported. Variants:
     compile-autocast  the same with torch.compile per decoder layer
     ac          eager with activation checkpointing
     graph, compile-graph   eager / compile with the step's forward + backward + gradient norm replayed as
-                one CUDA graph (train.cuda_graph; the first steps run eagerly, then the step is captured)
+                one CUDA graph and the ClippedAdamW update as a second (train.cuda_graph; the first steps
+                run eagerly, then the step is captured)
     compile-graph-torch-adamw   compile-graph with torch's fused AdamW after clip_grad_norm_ instead of
                 ClippedAdamW (optim.fused "true" instead of "auto"; see openjamba/train/optim.py)
+    autocast-torch-adamw   autocast with torch's fused AdamW after clip_grad_norm_ instead of ClippedAdamW
+    compile-graph-torch-swiglu   compile-graph with the experts' silu(gate) * up left to torch.compile
+                instead of the Triton kernels of openjamba/ops/moe/swiglu.py
 MFU = tokens/s x (6 x active params + 12 x attention layers x hidden x seq) / peak, against the H200's
 989 TFLOP/s dense bf16 datasheet peak and the 792 TFLOP/s measured by an 8192^3 matmul. Reference:
 transformers JambaForCausalLM + mamba-ssm, same config and shapes: 79.7K tokens/s, 34.6 GB peak.
@@ -38,6 +42,7 @@ from openjamba import ops
 from openjamba.bench.common import profile_kernels
 from openjamba.config import JambaConfig
 from openjamba.model import JambaForCausalLM
+from openjamba.ops.moe import swiglu
 from openjamba.train.config import TrainConfig
 from openjamba.train.metrics import H200_BF16_MEASURED, H200_BF16_PEAK, flops_per_token
 from openjamba.train.optim import build_optimizer, optimizer_kind
@@ -53,6 +58,8 @@ VARIANTS = {
     "graph": dict(precision="bf16", cuda_graph=True),
     "compile-graph": dict(precision="bf16", compile=True, cuda_graph=True),
     "compile-graph-torch-adamw": dict(precision="bf16", compile=True, cuda_graph=True, fused="true"),
+    "autocast-torch-adamw": dict(precision="autocast", fused="true"),
+    "compile-graph-torch-swiglu": dict(precision="bf16", compile=True, cuda_graph=True, triton_swiglu=False),
     "ac": dict(precision="bf16", activation_checkpointing=True),
 }
 
@@ -65,6 +72,7 @@ def run_variant(name: str, args, device: torch.device) -> dict:
     cfg.train.cuda_graph = spec.get("cuda_graph", False)
     cfg.train.activation_checkpointing = spec.get("activation_checkpointing", False)
     cfg.optim.fused = spec.get("fused", "auto")
+    swiglu.USE_TRITON = spec.get("triton_swiglu", True)
     cfg.data.seq_len, cfg.data.batch_size = args.seq, args.batch
     torch.manual_seed(0)
     config = JambaConfig.from_name(args.preset)

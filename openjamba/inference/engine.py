@@ -29,6 +29,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .. import ops
 from .planner import MemoryPlan, device_budget, plan_memory
 from ..generation import EOS_CHECK_EVERY, check_generate_args
 from .sampling import SamplingParams, sample
@@ -48,6 +49,7 @@ def compiled_decode_step():
     cache size it marks that size dynamic and later Generators reuse the code instead of recompiling."""
     global _compiled_step
     if _compiled_step is None:
+        ops.load_kernels()  # an import reached while Dynamo traces the step would split its graph
         _compiled_step = torch.compile(decode_step)
     return _compiled_step
 

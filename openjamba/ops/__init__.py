@@ -13,6 +13,8 @@ import importlib
 import logging
 import os
 
+import torch
+
 from .adamw.reference import adamw_step_ref
 from .causal_conv1d.reference import causal_conv1d_ref, causal_conv1d_update_ref
 from .cross_entropy.reference import cross_entropy_ref
@@ -56,6 +58,13 @@ def _load_kernel(op: str):
     return _kernels[op]
 
 
+def load_kernels() -> None:
+    """Import every op's Triton kernel module now. torch.compile callers do this first: an import reached
+    while Dynamo traces a layer (the first call of each op) would split that layer's graph."""
+    for op in _OPS:
+        _load_kernel(op)
+
+
 def _interpreting() -> bool:
     """Whether Triton kernels run on the CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
@@ -93,8 +102,6 @@ def get_backend() -> str:
 
 
 def _compiling() -> bool:
-    import torch
-
     return torch.compiler.is_compiling()
 
 
@@ -143,8 +150,6 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation="silu"):
 
 
 def moe_experts(x_TH, top_w_TK, top_idx_TK, w_gate_up_XFH, w_down_XHF):
-    import torch
-
     # torch's CUDA grouped GEMM is built for bf16; other dtypes take the per-expert loop (chosen visibly)
     on_cuda = x_TH.is_cuda
     if on_cuda and x_TH.dtype != torch.bfloat16 and not _interpreting():

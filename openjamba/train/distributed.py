@@ -30,6 +30,7 @@ import torch
 import torch.distributed as tdist
 from torch.distributed.tensor import DTensor
 
+from .. import ops
 from .expert_parallel import ExpertParallelExperts, apply_expert_parallel, ep_modules
 
 MODEL_FILE = "model.safetensors"
@@ -159,6 +160,7 @@ def parallelize(model, dist: DistInfo, *, fsdp: bool = True, expert_parallel: in
         for i in range(len(layers)):
             layers[i] = checkpoint_wrapper(layers[i], checkpoint_fn=_checkpoint_no_early_stop)
     if compile:
+        ops.load_kernels()  # imported before tracing, not inside a compiled layer
         for layer in layers:
             layer.compile()  # in place: parameter names do not change
     if world == 1:

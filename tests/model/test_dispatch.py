@@ -33,3 +33,16 @@ def test_unknown_backend():
 def test_reference_forced_everywhere():
     ops.set_backend("reference")
     assert ops.resolve("moe_experts", on_cuda=True)[1] == "reference"
+
+
+def test_compiling_layers_loads_every_kernel_first(monkeypatch):
+    """parallelize(compile=True) imports each op's kernel module before it compiles the layers: an import
+    first reached while Dynamo traces a layer would split that layer's graph."""
+    from openjamba import JambaConfig, JambaForCausalLM
+    from openjamba.train.distributed import DistInfo, parallelize
+
+    monkeypatch.setattr(ops, "_kernels", {})
+    parallelize(JambaForCausalLM(JambaConfig.from_name("jamba-tiny")), DistInfo(device=torch.device("cpu")),
+                compile=True)
+    assert set(ops._kernels) == set(ops._OPS)
+    assert not [op for op, k in ops._kernels.items() if isinstance(k, Exception)]

@@ -3,7 +3,8 @@
 Run by test_compile_sm90.py in a subprocess WITHOUT TRITON_INTERPRET (the interpreter never compiles).
 The kernels' launches are recorded instead of run: each wrapper (the selective scan forward and backward,
 its chunked passes, the causal conv and its backward and update, the state update, the cross-entropy
-forward and backward, the fused decoding step in both matmul forms, with and without programmatic
+forward and backward, the experts' gated activation both ways, AdamW with a float and a device learning
+rate, the fused decoding step in both matmul forms, with and without programmatic
 dependent launch) is called on CPU tensors with its kernels replaced by recorders, then every distinct
 launch is compiled with Triton's NVIDIA backend (ptxas ships with Triton). Prints one JSON line per
 compiled kernel; exits non-zero on the first failure.
@@ -72,7 +73,9 @@ def run_wrappers() -> None:
     from openjamba import JambaConfig, JambaForCausalLM
     from openjamba.inference import fused
     from openjamba.ops.causal_conv1d.triton import causal_conv1d_triton, causal_conv1d_update_triton
+    from openjamba.ops.adamw.triton import adamw_step_triton
     from openjamba.ops.cross_entropy.triton import cross_entropy_triton
+    from openjamba.ops.moe import swiglu
     from openjamba.ops.selective_scan import triton as scan
     from openjamba.ops.selective_state_update.triton import selective_state_update_triton
 
@@ -101,6 +104,14 @@ def run_wrappers() -> None:
         # a vocabulary of several 4096-wide tiles (the jamba-1b tile) with a masked tail
         logits = torch.randn(6, 5000, dtype=dtype, requires_grad=True)
         cross_entropy_triton(logits, torch.tensor([1, -100, 4999, 0, 7, 2])).backward()
+        gate_up = torch.randn(37, 2 * 300, dtype=dtype, requires_grad=True)
+        swiglu._SwiGLU.apply(gate_up).float().sum().backward()
+        # AdamW with the clipping and the guard, the learning rate as a float and as a device scalar
+        params = [torch.randn(5000, dtype=dtype), torch.randn(3, 7, dtype=dtype)]
+        state = [[torch.zeros_like(p) for p in params] for _ in range(3)]
+        for lr in (1e-3, torch.tensor(1e-3)):
+            adamw_step_triton(params, *state, [torch.zeros(()) for _ in params], lr, 0.1, 0.9, 0.95, 1e-8,
+                              grad_norm=torch.tensor(2.0), max_norm=1.0, found_inf=torch.zeros(()))
 
     # the fused decoding step, both matmul forms, PDL on and off
     fused.fused_unavailable = lambda model, batch: None
@@ -119,6 +130,8 @@ def main() -> int:
            "_conv_update_kernel")
     record("openjamba.ops.selective_state_update.triton", "_ssu_kernel")
     record("openjamba.ops.cross_entropy.triton", "_ce_fwd_kernel", "_ce_bwd_kernel")
+    record("openjamba.ops.moe.swiglu", "_swiglu_fwd_kernel", "_swiglu_bwd_kernel")
+    record("openjamba.ops.adamw.triton", "_adamw_kernel")
     record("openjamba.inference.fused_kernels", "norm_linear_kernel", "mamba_in_kernel", "mamba_ssm_kernel",
            "router_kernel", "ffn_up_kernel", "down_residual_kernel", "attn_split_kernel", "attn_combine_kernel")
     run_wrappers()

@@ -5,7 +5,8 @@
 The T*K (token, expert) assignments are placed so each expert's rows are contiguous, every expert
 runs in ONE `torch._grouped_mm` per projection, and the results are un-permuted and weighted. All
 index arithmetic stays on the device: no `.tolist()`, no host sync, no Python loop over experts, so
-the layer can be captured in a CUDA graph. Each expert's group is padded to a multiple of ALIGN rows
+the layer can be captured in a CUDA graph. The gated activation between the two matmuls is one Triton
+kernel each way on CUDA (ops/moe/swiglu.py). Each expert's group is padded to a multiple of ALIGN rows
 inside a buffer of a size known without looking at the routing (T*K + X*(ALIGN-1) rows),
 which keeps every group offset aligned as the CUDA kernels of `_grouped_mm` require. Autograd runs
 through `_grouped_mm`, so x, both weight tensors and the router weights get gradients.
@@ -19,7 +20,8 @@ so the output is deterministic.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from .swiglu import swiglu
 
 ALIGN = 16
 
@@ -59,7 +61,6 @@ def moe_experts_grouped(x_TH, top_w_TK, top_idx_TK, w_gate_up_XFH, w_down_XHF):
     src[pos] = torch.arange(n_assign, device=dev) // K
     x_pad = x_TH[src]  # (P, H)
     gate_up = _grouped_mm(x_pad, w_gate_up_XFH.transpose(-2, -1), offs)  # (P, 2F)
-    gate, up = gate_up.chunk(2, dim=-1)
-    y_pad = _grouped_mm(F.silu(gate) * up, w_down_XHF.transpose(-2, -1), offs)  # (P, H)
+    y_pad = _grouped_mm(swiglu(gate_up), w_down_XHF.transpose(-2, -1), offs)  # (P, H)
     y_TKH = y_pad[pos].view(T, K, H)
     return (y_TKH * top_w_TK[..., None].to(y_TKH.dtype)).sum(1).to(x_TH.dtype)
