@@ -2,7 +2,7 @@
 
     python benchmarks/train_demo_gpu.py                       # 4000 steps or 7.5 minutes
     python benchmarks/train_demo_gpu.py --steps 8400 --max-seconds 600 --max-mb 400   # 10 minutes
-    python benchmarks/train_demo_gpu.py --steps 8400 --max-seconds 600 --max-mb 400 --segment-seconds 525
+    python benchmarks/train_demo_gpu.py --steps 8400 --max-seconds 600 --max-mb 400 --segment-seconds 520
     python benchmarks/train_demo_gpu.py --steps 8400 --max-seconds 600 --max-mb 400 --resume
                                   # the same 10 minutes in two processes: the second resumes the first's
                                   # checkpoint (exact resume) and trains the time that is left
