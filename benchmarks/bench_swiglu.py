@@ -54,7 +54,8 @@ def main(argv=None) -> int:
         f = do_bench(forward(sw._SwiGLU.apply), warmup=30, rep=200)
         t = do_bench(forward_backward(sw._SwiGLU.apply), warmup=30, rep=200)
         res[f"{br}x{bc}x{nw}"] = (f, t)
-        print(f"  tile {br:2d}x{bc:4d} w{nw}: fwd {f * 1e3:7.1f} us  fwd+bwd {t * 1e3:7.1f} us  bwd ~{(t - f) * 1e3:7.1f}")
+        print(f"  tile {br:2d}x{bc:4d} w{nw}: fwd {f * 1e3:7.1f} us  fwd+bwd {t * 1e3:7.1f} us  "
+              f"bwd ~{(t - f) * 1e3:7.1f}")
     sw.BLOCK_R, sw.BLOCK_C, sw.NUM_WARPS = default
     ref, out = sw.swiglu_ref(x.float()), sw._SwiGLU.apply(x)
     print("max relative error of the forward", ((out.float() - ref).abs() / (ref.abs() + 1e-3)).max().item())

@@ -81,6 +81,8 @@ class ClippedAdamW(torch.optim.AdamW):
     def stage_lr(self) -> None:
         """Copy the groups' learning rates to the device tensor, queued on the current stream (the update
         that follows reads them; the host does not wait)."""
+        if self._lr_device is None:
+            raise RuntimeError("ClippedAdamW.stage_lr: call keep_lr_on_device() first")
         lrs = torch.tensor([float(g["lr"]) for g in self.param_groups], dtype=torch.float32)
         if self._lr_device.is_cuda:
             lrs = lrs.pin_memory()  # a new pinned buffer per call: it is not rewritten while the copy waits

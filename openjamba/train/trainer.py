@@ -234,7 +234,7 @@ class GraphedStep:
             opt.clip_with(self.check[1], max_norm)
             opt.step()
 
-    def replay(self, batches: list[torch.Tensor], lr: float | None = None) -> torch.Tensor:
+    def replay(self, batches: list[torch.Tensor], lr: float) -> torch.Tensor:
         """Replay the step (and the update, when captured, at learning rate `lr`); returns
         stack(loss, grad norm)."""
         for dst, src in zip(self.static, batches):

@@ -171,9 +171,10 @@ def adamw_step_triton(params, grads, exp_avgs, exp_avg_sqs, steps, lr: float, we
     _adamw_kernel[(n_chunks,)](
         tables.ptrs, tables.numels, tables.chunk_tensor, tables.chunk_index,
         grad_norm if grad_norm is not None else dummy, found_inf if found_inf is not None else dummy,
-        lr if lr_on_device else dummy, len(params), 0.0 if lr_on_device else float(lr), float(weight_decay), float(beta1), float(beta2), float(eps), float(max_norm),
-        DTYPE=_TL[dtype], HAS_NORM=grad_norm is not None, HAS_FOUND=found_inf is not None, LR_ON_DEVICE=lr_on_device,
-        BLOCK=BLOCK, ITERS=ITERS, num_warps=NUM_WARPS)
+        lr if lr_on_device else dummy, len(params), 0.0 if lr_on_device else float(lr), float(weight_decay),
+        float(beta1), float(beta2), float(eps), float(max_norm),
+        DTYPE=_TL[dtype], HAS_NORM=grad_norm is not None, HAS_FOUND=found_inf is not None,
+        LR_ON_DEVICE=lr_on_device, BLOCK=BLOCK, ITERS=ITERS, num_warps=NUM_WARPS)
     if found_inf is None:
         torch._foreach_add_(steps, 1.0)
     else:  # a list of one-element tensors: a lone 0-dim tensor would be read on the host as a Python scalar
