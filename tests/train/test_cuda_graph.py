@@ -102,7 +102,7 @@ def test_captured_update_follows_the_lr_and_skips_non_finite_steps():
     assert all(torch.equal(a, b + 1) for a, b in zip(states("step"), counts))
     assert step(1e-3)[2]
     matrices = [not torch.equal(a, b) for a, b, p in zip(bits(), before, params) if p.ndim >= 2]
-    assert sum(matrices) >= 0.75 * len(matrices)  # (norm gains of 1.0 may not move by a bf16 ulp)
+    assert sum(matrices) >= 0.75 * len(matrices)  # (a step of ~lr can stay under half a bf16 ulp)
 
     with torch.no_grad():  # NaN logits for token 0 at every position, whether or not the head is tied
         model.lm_head.weight.view(-1)[0] = float("nan")
