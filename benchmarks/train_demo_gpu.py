@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import sysconfig
 import time
@@ -144,9 +145,8 @@ def main(argv=None) -> int:
         prep_s = time.perf_counter() - t0
         print(f"tokenizer + shards: {prep_s:.0f} s; {index['splits']['train']['tokens']:,} train tokens")
         segments = []
-        for stale in ("metrics.jsonl", "summary.json"):
-            if os.path.exists(os.path.join(out_dir, stale)):
-                os.remove(os.path.join(out_dir, stale))
+        if os.path.isdir(out_dir):  # a new run: an earlier run's checkpoints must not be resumed into it
+            shutil.rmtree(out_dir)
     left = args.max_seconds - sum(s["train_seconds"] for s in segments)
     if left <= 0:
         print(f"the run's {args.max_seconds:.0f} s are spent", file=sys.stderr)
