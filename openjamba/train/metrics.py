@@ -12,7 +12,7 @@ from torch import nn
 from ..config import JambaConfig
 
 H200_BF16_PEAK = 989e12  # dense bf16 tensor-core peak (datasheet)
-H200_BF16_MEASURED = 792e12  # bf16 8192^3 matmul measured on the GPU machine
+H200_BF16_MEASURED = 792e12  # bf16 8192^3 matmul measured on an H200
 
 
 def flops_per_token(config: JambaConfig, seq_len: int) -> float:
