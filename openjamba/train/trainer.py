@@ -151,6 +151,11 @@ def grad_norm_and_clip(model, max_norm: float, dist, clip: bool = True) -> torch
     return torch.nn.utils.clip_grad_norm_(params, limit)
 
 
+def non_finite(check: torch.Tensor) -> torch.Tensor:
+    """found_inf for a stack(loss, grad norm): 1.0 on the device when either is not finite, else 0.0."""
+    return (~torch.isfinite(check).all()).float()
+
+
 def loss_and_norm(model, batches: list[torch.Tensor], config: JambaConfig, cfg: TrainConfig, precision: str,
                   dist, clip: bool = True) -> torch.Tensor:
     """forward_backward then grad_norm_and_clip: stack(mean cross-entropy, gradient norm) on the device."""
@@ -230,7 +235,7 @@ class GraphedStep:
         torch.cuda.synchronize(self.dist.device)
         self.update_graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.update_graph, pool=self.graph.pool()):  # replayed after self.graph
-            opt.found_inf = (~torch.isfinite(self.check).all()).float()
+            opt.found_inf = non_finite(self.check)
             opt.clip_with(self.check[1], max_norm)
             opt.step()
 
@@ -309,7 +314,7 @@ class StepRunner:
         if not self.deferred:
             return {"check": check, "lr": lr}
         if not updated:
-            self.optimizer.found_inf = (~torch.isfinite(check).all()).float()
+            self.optimizer.found_inf = non_finite(check)
             self._update(lr, check)
         host = torch.empty(2, dtype=torch.float32, pin_memory=True)
         host.copy_(check, non_blocking=True)

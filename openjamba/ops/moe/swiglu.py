@@ -34,24 +34,26 @@ except ImportError:  # the PyTorch expression below still runs
 
 if triton is not None:
     @triton.jit
-    def _swiglu_fwd_kernel(gu_ptr, y_ptr, P, F, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _gate_up_tile(gu_ptr, P, F, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        """This program's (BLOCK_R, BLOCK_C) tile: rows, columns, mask, offsets into gate_up, gate and up
+        in fp32."""
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
         cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
         mask = (rows < P) & (cols < F)
         base = rows.to(tl.int64) * (2 * F) + cols
         g = tl.load(gu_ptr + base, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(gu_ptr + base + F, mask=mask, other=0.0).to(tl.float32)
+        return rows, cols, mask, base, g, u
+
+    @triton.jit
+    def _swiglu_fwd_kernel(gu_ptr, y_ptr, P, F, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        rows, cols, mask, base, g, u = _gate_up_tile(gu_ptr, P, F, BLOCK_R, BLOCK_C)
         y = g * tl.sigmoid(g) * u
         tl.store(y_ptr + rows.to(tl.int64) * F + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _swiglu_bwd_kernel(gu_ptr, dy_ptr, dgu_ptr, P, F, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
-        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
-        mask = (rows < P) & (cols < F)
-        base = rows.to(tl.int64) * (2 * F) + cols
-        g = tl.load(gu_ptr + base, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(gu_ptr + base + F, mask=mask, other=0.0).to(tl.float32)
+        rows, cols, mask, base, g, u = _gate_up_tile(gu_ptr, P, F, BLOCK_R, BLOCK_C)
         dy = tl.load(dy_ptr + rows.to(tl.int64) * F + cols, mask=mask, other=0.0).to(tl.float32)
         s = tl.sigmoid(g)
         dg = dy * u * s * (1.0 + g * (1.0 - s))
