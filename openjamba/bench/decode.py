@@ -148,8 +148,10 @@ def plot_decode(result: dict, out_dir, name: str) -> None:
     plt = pyplot()
     if plt is None:
         return
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, bk in zip(axes, ("1", "max")):
+    kinds = [bk for bk in ("1", "max") if any(p.get("batch_kind") == bk and p.get("status") == "ok"
+                                              for p in result["points"])] or ["1"]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4.5), squeeze=False)
+    for ax, bk in zip(axes[0], kinds):
         for model in result["variants"]:
             pts = [p for p in result["points"] if p.get("model") == model and p.get("batch_kind") == bk
                    and p.get("status") == "ok"]

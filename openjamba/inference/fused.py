@@ -8,14 +8,13 @@ weights. Per layer it runs:
 
     Mamba       mamba_in (norm, in_proj, conv, x_proj partials) -> mamba_ssm (dt/B/C norms, dt_proj, state
                 update, gate) -> down_residual (out_proj + residual)
-    attention   norm_linear for q, k and v -> K/V written at the position -> attn_split + attn_combine
+    attention   qkv (norm, q/k/v projections, K/V written at the position) -> attn_split + attn_combine
                 (split-K flash-decoding over the filled positions) -> down_residual (o_proj + residual)
     MoE / MLP   router (MoE only: norm, router, softmax, top-k) -> ffn_up (norm, gate/up of the routed
                 experts) -> down_residual (down, weighted sum, residual)
 
 plus the embedding gather and norm_linear for the lm_head: 5 kernels for a Mamba layer with a dense MLP,
-6 with MoE, 10 or 11 for an attention layer (K/V are written with two index_copy_). Kernels are in
-inference/fused_kernels.py.
+6 with MoE, 6 or 7 for an attention layer. Kernels are in inference/fused_kernels.py.
 Batches up to MAX_BATCH rows; the step is shape-static and reads nothing back to the host, so a CUDA
 graph captures it. It needs Triton on CUDA (or the CPU interpreter, TRITON_INTERPRET=1, for tests).
 On GPUs of compute capability 9 and above (H100, H200, B200) the kernels are launched with programmatic
@@ -195,40 +194,49 @@ class FusedDecodeStep:
             PDL=self.pdl, num_warps=t2["warps"], launch_pdl=self.pdl)
         self.down_residual(h, self.y, m.out_proj.weight, m.out_proj.bias)
 
-    def _splits(self, cache, n_kv: int) -> tuple[int, int]:
-        """(number of key splits, positions per split) for flash-decoding over this cache: enough
-        (batch x KV head x split) programs for every SM twice, splits of at least 256 positions."""
-        L = cache.max_length
+    def _splits(self, cache, n_kv: int) -> int:
+        """Key splits for flash-decoding over this cache: enough (batch x KV head x split) programs for every
+        SM twice, at most one per 64 positions. The kernel cuts the filled positions (not the allocated
+        ones) into that many splits, so a large cache filled a little still uses every program."""
         want = max(1, -(-2 * self.sms // (self.B * n_kv)))
-        s_len = max(256, -(-L // want))
-        s_len = -(-s_len // 64) * 64
-        return -(-L // s_len), s_len
+        return max(1, min(want, -(-cache.max_length // 64)))
 
     def attention(self, h, layer, cache):
-        """q, k, v projections; k, v written at `cache.pos`; split-K flash-decoding over the filled
-        positions (the static step's masked softmax over the whole buffer, without reading the unfilled
-        part); o_proj + residual."""
+        """q, k, v projections, k and v written at `cache.pos` (one kernel); split-K flash-decoding over the
+        filled positions (the static step's masked softmax over the whole buffer, without reading the
+        unfilled part); o_proj + residual."""
         a = layer.self_attn
         norm = layer.input_layernorm
         B, n_kv, hd = self.B, a.n_kv, a.head_dim
         G = a.n_heads // n_kv
-        q = self.norm_linear(h, norm, a.q_proj.weight)
-        k = self.norm_linear(h, norm, a.k_proj.weight)
-        v = self.norm_linear(h, norm, a.v_proj.weight)
-        keys, values = cache.write_kv_at_pos(a.layer_idx, k.view(B, n_kv, 1, hd), v.view(B, n_kv, 1, hd))
-        NS, s_len = self._splits(cache, n_kv)
+        keys, values = cache.key[a.layer_idx], cache.value[a.layer_idx]  # (B, Hkv, max_length, hd)
+        NS = self._splits(cache, n_kv)
         BG, BHD = _pow2(G), _pow2(hd)
         key = (NS, BG, BHD, n_kv)
         if getattr(self, "_attn_key", None) != key:  # sized once per cache (before any graph capture)
             self._attn_key = key
             self._attn_acc = torch.empty(B * n_kv * NS * BG * BHD, device=h.device, dtype=torch.float32)
             self._attn_ml = torch.empty(B * n_kv * NS * BG * 2, device=h.device, dtype=torch.float32)
+            self._attn_q = torch.empty(B, a.n_heads * hd, device=h.device, dtype=h.dtype)
             self._attn_out = torch.empty(B, a.n_heads * hd, device=h.device, dtype=h.dtype)
+        q = self._attn_q
+        t = self.tiles["norm_linear"]
+        nq, nkv = a.n_heads * hd, n_kv * hd
         fk = self.fk
+        fk.qkv_kernel[(-(-nq // t["BN"]) + 2 * -(-nkv // t["BN"]),)](
+            h, h.stride(0), norm.weight, norm.eps, a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, q, keys,
+            values, keys.stride(0), keys.stride(1), cache.pos, B, self.H, nq, nkv, hd, keys.shape[2], BB=self.BB,
+            BN=t["BN"], BK=self._k(t["BK"], t["BN"], self.H), IEEE=self.ieee, DOT=self.dot, PDL=self.pdl,
+            num_warps=t["warps"], launch_pdl=self.pdl)
+        # Where a split can hold more than 256 positions (caches past ~16K positions at batch 1) the kernel is
+        # launched without PDL: launched while qkv still runs, its programs were packed onto a sixth to a
+        # half of the SMs, which for a kernel streaming the cache cost more than the early launch saves
+        # (benchmarks/KERNEL_NOTES.md).
+        split_pdl = self.pdl and -(-cache.max_length // NS) <= 256
         fk.attn_split_kernel[(B * n_kv, NS)](
             q, keys, values, cache.key_mask, cache.pos, self._attn_acc, self._attn_ml, hd ** -0.5, n_kv, G, hd,
-            s_len, NS, keys.stride(0), keys.stride(1), cache.key_mask.stride(0),
-            BG=BG, BHD=BHD, BL=64, IEEE=self.ieee, PDL=self.pdl, num_warps=4, launch_pdl=self.pdl)
+            NS, keys.stride(0), keys.stride(1), cache.key_mask.stride(0),
+            BG=BG, BHD=BHD, BL=64, IEEE=self.ieee, PDL=split_pdl, num_warps=4, launch_pdl=split_pdl)
         fk.attn_combine_kernel[(B * n_kv, G)](
             self._attn_acc, self._attn_ml, self._attn_out, n_kv, G, hd, NS, BG=BG, BHD=BHD, BS=_pow2(NS, 2),
             PDL=self.pdl, num_warps=4, launch_pdl=self.pdl)

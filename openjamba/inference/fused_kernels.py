@@ -13,7 +13,8 @@ own, and each fuses the elementwise work around its matmul:
     ffn_up       RMSNorm -> gate/up of the routed experts only (or the dense MLP) -> SiLU * up
     down_residual  down projection of the routed experts (or one linear layer), weighted sum over experts,
                  residual add in place (MoE and MLP down, Mamba out_proj, attention o_proj)
-    norm_linear  RMSNorm -> one linear layer (attention projections, lm_head)
+    qkv          RMSNorm -> an attention layer's q, k and v projections, k and v written into the cache
+    norm_linear  RMSNorm -> one linear layer (the lm_head)
 
 Every weight is read once for all rows of the batch. Up to a few rows the matmuls are GEMVs (products
 summed in registers); above that the rows are padded to a tile of at least 16 and each matmul is a
@@ -138,6 +139,42 @@ def norm_linear_kernel(h_ptr, s_hb, nw_ptr, eps, w_ptr, bias_ptr, y_ptr, s_yb, B
         acc += tl.load(bias_ptr + ns, mask=ns < N, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rows[:, None] * s_yb + ns[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=(rows[:, None] < B) & (ns[None, :] < N))
+
+
+@triton.jit
+def qkv_kernel(h_ptr, s_hb, nw_ptr, eps, wq_ptr, wk_ptr, wv_ptr, q_ptr, k_ptr, v_ptr, s_kb, s_kh, pos_ptr,
+               B, H, NQ, NKV, HD, L, BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
+               DOT: tl.constexpr, PDL: tl.constexpr):
+    """An attention layer's q, k and v projections of RMSNorm(h) in one launch; k and v go straight into
+    the caches at the current position. Grid (cdiv(NQ, BN) + 2 cdiv(NKV, BN),): the first programs
+    compute q (B, NQ); the next k, then v (B, NKV), written at k_ptr[b, n // HD, pos, n % HD] of a
+    (B, Hkv, L, HD) cache with batch and head strides s_kb, s_kh (nothing is written once pos reaches L:
+    callers check the room on the host). pos (a device scalar) was last written before the step began."""
+    pid = tl.program_id(0)
+    nq = tl.cdiv(NQ, BN)
+    nkv = tl.cdiv(NKV, BN)
+    if pid < nq:
+        w_ptr, N, n0 = wq_ptr, NQ, pid * BN
+    elif pid < nq + nkv:
+        w_ptr, N, n0 = wk_ptr, NKV, (pid - nq) * BN
+    else:
+        w_ptr, N, n0 = wv_ptr, NKV, (pid - nq - nkv) * BN
+    w0 = _w_tile(w_ptr, H, n0, N, 0, H, BN, BK)
+    pos = tl.load(pos_ptr).to(tl.int64)
+    _after_previous_kernel(PDL)
+    acc = _matmul(h_ptr, s_hb, nw_ptr, eps, w0, w_ptr, H, n0, N, B, H, BB, BN, BK, True, IEEE, DOT)
+    ns = n0 + tl.arange(0, BN)
+    rows = tl.arange(0, BB)
+    m2 = (rows[:, None] < B) & (ns[None, :] < N)
+    y = acc.to(h_ptr.dtype.element_ty)
+    if pid < nq:
+        tl.store(q_ptr + rows[:, None] * NQ + ns[None, :], y, mask=m2)
+    else:
+        dst = k_ptr if pid < nq + nkv else v_ptr
+        heads = (ns // HD).to(tl.int64)
+        offs = rows[:, None].to(tl.int64) * s_kb + heads[None, :] * s_kh + pos * HD + (ns % HD)[None, :]
+        room = (pos + 0 * ns) < L  # (BN,)
+        tl.store(dst + offs, y, mask=m2 & room[None, :])
 
 
 @triton.jit
@@ -449,13 +486,15 @@ def down_residual_kernel(
 
 @triton.jit
 def attn_split_kernel(
-    q_ptr, k_ptr, v_ptr, mask_ptr, pos_ptr, acc_ptr, ml_ptr, scale, HKV, G, HD, S_LEN, NS,
+    q_ptr, k_ptr, v_ptr, mask_ptr, pos_ptr, acc_ptr, ml_ptr, scale, HKV, G, HD, NS,
     s_kb, s_kh, s_mb, BG: tl.constexpr, BHD: tl.constexpr, BL: tl.constexpr, IEEE: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    """Grid (B * Hkv, NS): split `sp` of the keys of one KV head, positions [sp * S_LEN, (sp + 1) * S_LEN)
-    cut at the current position (read on the device: only filled positions are read), for the G query
-    heads that share it. Online softmax; writes the unnormalised output (G, hd) and (max, sum) per head."""
+    """Grid (B * Hkv, NS): split `sp` of the keys of one KV head for the G query heads that share it. The
+    filled positions [0, pos] (pos read on the device) are cut into NS splits of the same whole number of
+    BL-blocks, so every split has work however much of the cache is filled; this program takes positions
+    [sp * s_len, (sp + 1) * s_len) of them. Online softmax; writes the unnormalised output (G, hd) and
+    (max, sum) per head."""
     _after_previous_kernel(PDL)
     bh = tl.program_id(0)
     sp = tl.program_id(1)
@@ -472,8 +511,9 @@ def attn_split_kernel(
     m = tl.full((BG,), float("-inf"), tl.float32)
     lsum = tl.zeros((BG,), tl.float32)
     acc = tl.zeros((BG, BHD), tl.float32)
-    start = sp * S_LEN
-    end = tl.minimum(start + S_LEN, pos + 1)
+    s_len = tl.cdiv(tl.cdiv(pos + 1, NS), BL) * BL
+    start = sp * s_len
+    end = tl.minimum(start + s_len, pos + 1)
     kbase = k_ptr + b * s_kb + hk * s_kh
     vbase = v_ptr + b * s_kb + hk * s_kh
     for l0 in range(start, end, BL):

@@ -78,3 +78,31 @@ def test_out_of_memory_is_recorded_and_other_errors_propagate():
     with pytest.raises(RuntimeError, match="shape mismatch"):
         with oom_as_status({}):
             raise RuntimeError("shape mismatch")
+
+
+def test_decode_step_tracer_threads_its_table_through_every_kernel():
+    """benchmarks/trace_decode_step.py rewrites a copy of the fused kernels' source; a kernel it missed
+    would drop out of the timeline (or fail to launch), so every one must take the table and mark its end."""
+    import inspect
+    import os
+    import re
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
+    try:
+        import trace_decode_step
+    finally:
+        sys.path.pop(0)
+    from openjamba.inference import fused_kernels
+
+    names = [n for n in re.findall(r"\ndef (\w+_kernel)\(", open(fused_kernels.__file__).read())
+             if n != "_after_previous_kernel"]
+    assert len(names) >= 9, names
+    traced = trace_decode_step.traced_kernels()
+    for name in names:
+        params = list(inspect.signature(getattr(traced, name).fn).parameters)
+        assert params[-2:] == ["TR", "KSEQ"], (name, params)
+    src = trace_decode_step.traced_source(open(fused_kernels.__file__).read())
+    assert src.count("    _trace_end(TR, KSEQ)\n") == len(names)
+    assert src.count("_after_previous_kernel(PDL, TR, KSEQ)") == open(fused_kernels.__file__).read().count(
+        "_after_previous_kernel(PDL)")

@@ -62,6 +62,23 @@ def test_both_matmul_forms_equal_static_step_fp32(batch):
     _compare(_model(mamba_proj_bias=True), batch=batch, steps=3, rtol=1e-5, atol=1e-5)
 
 
+def test_full_cache_is_not_written_past_its_end():
+    """The fused step writes K/V itself at the device position: at a full cache it writes nothing (the
+    Generator refuses the step on the host before that)."""
+    model = _model()
+    cache = model.new_cache(1, 4)
+    cache.length = 4
+    cache.sync_position()
+    before = {i: (k.clone(), cache.value[i].clone()) for i, k in cache.key.items()}
+    with torch.no_grad():
+        FusedDecodeStep(model, 1)(model, torch.zeros(1, 1, dtype=torch.long, device=DEVICE), cache)
+    for i, (k, v) in before.items():
+        assert torch.equal(cache.key[i], k) and torch.equal(cache.value[i], v)
+    with pytest.raises(RuntimeError, match="room|full|cache"):
+        Generator(model, 1, 4, mode="static", step="fused").decode_n_tokens(torch.zeros(1, dtype=torch.long,
+                                                                                        device=DEVICE), 5)
+
+
 def test_x_proj_partials_reduced_in_slices_fp32():
     """Wide models reduce the x_proj partial sums a slice at a time (here 2 at a time of 4: batch 1 takes
     the GEMV tiles, 16 channels per mamba_in program, so d_inner 64 gives 4 partials)."""
@@ -115,16 +132,17 @@ def test_programmatic_dependent_launch_is_refused_where_it_cannot_run():
             FusedDecodeStep(model, 1, pdl=True)
 
 
-def test_fused_attention_over_splits_and_left_padding_fp32():
-    """A long left-padded prompt: two flash-decoding splits (the second partly filled) and masked keys,
+@pytest.mark.parametrize("B, T, max_length", [(2, 600, 1100), (1, 300, 4000)])
+def test_fused_attention_over_splits_and_left_padding_fp32(B, T, max_length):
+    """A long left-padded prompt: flash-decoding splits (the filled positions cut into blocks of 64, the
+    last split partly filled; in a cache allocated far past the prompt, some splits empty) and masked keys,
     against the static step's softmax over the whole buffer."""
     model = _model()
-    B, T = 2, 600
     ids = torch.randint(0, 128, (B, T), device=DEVICE)
     mask = torch.ones(B, T, dtype=torch.long, device=DEVICE)
-    mask[1, :77] = 0
-    gens = [Generator(model, B, 1100, mode="static", step=s) for s in ("static", "fused")]
-    assert gens[1]._step._splits(gens[1].cache, model.config.num_key_value_heads)[0] >= 2
+    mask[-1, :77] = 0
+    gens = [Generator(model, B, max_length, mode="static", step=s) for s in ("static", "fused")]
+    assert gens[1]._step._splits(gens[1].cache, model.config.num_key_value_heads) >= 2
     first = [g.prefill(ids, mask) for g in gens]
     torch.testing.assert_close(first[1], first[0])
     feed = torch.randint(0, 128, (B, 3), device=DEVICE)
