@@ -235,7 +235,7 @@ class FusedDecodeStep:
         split_pdl = self.pdl and -(-cache.max_length // NS) <= 256
         fk.attn_split_kernel[(B * n_kv, NS)](
             q, keys, values, cache.key_mask, cache.pos, self._attn_acc, self._attn_ml, hd ** -0.5, n_kv, G, hd,
-            NS, keys.stride(0), keys.stride(1), cache.key_mask.stride(0),
+            NS, keys.shape[2], keys.stride(0), keys.stride(1), cache.key_mask.stride(0),
             BG=BG, BHD=BHD, BL=64, IEEE=self.ieee, PDL=split_pdl, num_warps=4, launch_pdl=split_pdl)
         fk.attn_combine_kernel[(B * n_kv, G)](
             self._attn_acc, self._attn_ml, self._attn_out, n_kv, G, hd, NS, BG=BG, BHD=BHD, BS=_pow2(NS, 2),

@@ -486,15 +486,15 @@ def down_residual_kernel(
 
 @triton.jit
 def attn_split_kernel(
-    q_ptr, k_ptr, v_ptr, mask_ptr, pos_ptr, acc_ptr, ml_ptr, scale, HKV, G, HD, NS,
+    q_ptr, k_ptr, v_ptr, mask_ptr, pos_ptr, acc_ptr, ml_ptr, scale, HKV, G, HD, NS, L,
     s_kb, s_kh, s_mb, BG: tl.constexpr, BHD: tl.constexpr, BL: tl.constexpr, IEEE: tl.constexpr,
     PDL: tl.constexpr,
 ):
     """Grid (B * Hkv, NS): split `sp` of the keys of one KV head for the G query heads that share it. The
-    filled positions [0, pos] (pos read on the device) are cut into NS splits of the same whole number of
-    BL-blocks, so every split has work however much of the cache is filled; this program takes positions
-    [sp * s_len, (sp + 1) * s_len) of them. Online softmax; writes the unnormalised output (G, hd) and
-    (max, sum) per head."""
+    filled positions [0, pos] (pos read on the device; never past the cache's L positions) are cut into NS
+    splits of the same whole number of BL-blocks, so every split has work however much of the cache is
+    filled; this program takes positions [sp * s_len, (sp + 1) * s_len) of them. Online softmax; writes
+    the unnormalised output (G, hd) and (max, sum) per head."""
     _after_previous_kernel(PDL)
     bh = tl.program_id(0)
     sp = tl.program_id(1)
@@ -511,9 +511,10 @@ def attn_split_kernel(
     m = tl.full((BG,), float("-inf"), tl.float32)
     lsum = tl.zeros((BG,), tl.float32)
     acc = tl.zeros((BG, BHD), tl.float32)
-    s_len = tl.cdiv(tl.cdiv(pos + 1, NS), BL) * BL
+    filled = tl.minimum(pos + 1, L)
+    s_len = tl.cdiv(tl.cdiv(filled, NS), BL) * BL
     start = sp * s_len
-    end = tl.minimum(start + s_len, pos + 1)
+    end = tl.minimum(start + s_len, filled)
     kbase = k_ptr + b * s_kb + hk * s_kh
     vbase = v_ptr + b * s_kb + hk * s_kh
     for l0 in range(start, end, BL):

@@ -132,8 +132,9 @@ def main() -> int:
     record("openjamba.ops.cross_entropy.triton", "_ce_fwd_kernel", "_ce_bwd_kernel")
     record("openjamba.ops.moe.swiglu", "_swiglu_fwd_kernel", "_swiglu_bwd_kernel")
     record("openjamba.ops.adamw.triton", "_adamw_kernel")
-    record("openjamba.inference.fused_kernels", "norm_linear_kernel", "qkv_kernel", "mamba_in_kernel", "mamba_ssm_kernel",
-           "router_kernel", "ffn_up_kernel", "down_residual_kernel", "attn_split_kernel", "attn_combine_kernel")
+    record("openjamba.inference.fused_kernels", "norm_linear_kernel", "qkv_kernel", "mamba_in_kernel",
+           "mamba_ssm_kernel", "router_kernel", "ffn_up_kernel", "down_residual_kernel", "attn_split_kernel",
+           "attn_combine_kernel")
     run_wrappers()
     seen = set()
     for fn, args, kwargs in launches:
