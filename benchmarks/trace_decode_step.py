@@ -22,13 +22,15 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import re
 import sys
 import tempfile
-import time
 
 import torch
+
+from bench_decode_step import _ms_per_call  # a sibling script (benchmarks/ is on the path when run)
 
 MAXP = 4096  # programs per kernel the table holds (the jamba-1b lm_head has 4096)
 MAXK = 200  # kernels per step
@@ -113,9 +115,7 @@ class _Recorder:
         class Launch:
             def __getitem__(self, grid):
                 def launch(*args, **kwargs):
-                    n = 1
-                    for g in grid:
-                        n *= g
+                    n = math.prod(grid)
                     if n > MAXP or rec.seq >= MAXK:
                         raise RuntimeError(f"{name}: more programs or kernels than the trace table holds")
                     rec.log.append((name.removesuffix("_kernel"), n))
@@ -144,14 +144,7 @@ def trace(model, context: int) -> dict:
     def replay_ms(g, reps=100):
         cache.length = context
         cache.sync_position()
-        for _ in range(10):
-            g.replay()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            g.replay()
-        torch.cuda.synchronize()
-        return (time.perf_counter() - t0) / reps * 1e3
+        return _ms_per_call(g.replay, reps)
 
     ms_traced = replay_ms(graph)
     cache.length = context

@@ -43,7 +43,7 @@ GEMV_MAX_ROWS = 1
 # GEMV reduction tiles are cut to the next power of two of the reduction length, so that at jamba-1b sizes a
 # program's whole share of a weight is one tile, read before the wait on the previous kernel.
 TILES = {
-    "norm_linear": (dict(BN=8, BK=1024, warps=4), dict(BN=64, BK=128, warps=4)),
+    "norm_linear": (dict(BN=8, BK=1024, warps=4), dict(BN=64, BK=128, warps=4)),  # also the qkv kernel
     "mamba_in": (dict(BD=16, BK=1024, warps=4), dict(BD=32, BK=128, warps=4)),
     "mamba_ssm": (dict(BD=16, warps=4), dict(BD=64, warps=4)),
     "ffn_up": (dict(BF=8, BK=1024, warps=4), dict(BF=64, BK=128, warps=4)),

@@ -69,6 +69,7 @@ def test_full_cache_is_not_written_past_its_end():
     cache = model.new_cache(1, 4)
     cache.length = 4
     cache.sync_position()
+    # a write at position 4 of a 4-position cache would land in the next KV head's first position
     before = {i: (k.clone(), cache.value[i].clone()) for i, k in cache.key.items()}
     with torch.no_grad():
         FusedDecodeStep(model, 1)(model, torch.zeros(1, 1, dtype=torch.long, device=DEVICE), cache)
