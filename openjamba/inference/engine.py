@@ -16,8 +16,9 @@ Steps (what "static" and "graph" run; `step=`):
   "static"   - step.py's decode_step, layer by layer as the model's modules compute (any device).
   "compiled" - the same through torch.compile (Inductor fuses its elementwise ops; the first call compiles).
   "fused"    - fused.py's FusedDecodeStep: Triton kernels that fold the norms, routing and gates into the
-               matmuls, 5 or 6 kernels per Mamba layer (CUDA, batch <= 64).
-  "auto"     - "fused" where it can run and moe_impl is "auto", else "static".
+               matmuls, 5 or 6 kernels per Mamba layer (CUDA).
+  "auto"     - "fused" where it can run, moe_impl is "auto" and fused.fused_preferred says so (up to 128 rows,
+               or where the attention cache outweighs the weights), else "static".
 The host only enqueues work: sampling is on the device and the EOS test reads back once every
 `check_every` steps.
 """
@@ -33,7 +34,7 @@ from .. import ops
 from .planner import MemoryPlan, device_budget, plan_memory
 from ..generation import EOS_CHECK_EVERY, check_generate_args
 from .sampling import SamplingParams, sample
-from .fused import FusedDecodeStep, fused_unavailable
+from .fused import FusedDecodeStep, fused_preferred, fused_unavailable
 from .step import decode_step, resolve_moe_impl
 
 logger = logging.getLogger("openjamba.inference")
@@ -131,6 +132,8 @@ class Generator:
             return step
         if step == "auto":
             reason = fused_unavailable(self.model, self.batch_size) if self.device.type == "cuda" else "not CUDA"
+            reason = reason or fused_preferred(self.model.config, self.batch_size, self.max_length,
+                                               self.model.dtype.itemsize)
             if reason is None and moe_impl == "auto":
                 return "fused"
             if self.device.type == "cuda":

@@ -15,8 +15,9 @@ weights. Per layer it runs:
 
 plus the embedding gather and norm_linear for the lm_head: 5 kernels for a Mamba layer with a dense MLP,
 6 with MoE, 6 or 7 for an attention layer. Kernels are in inference/fused_kernels.py.
-Batches up to MAX_BATCH rows; the step is shape-static and reads nothing back to the host, so a CUDA
-graph captures it. It needs Triton on CUDA (or the CPU interpreter, TRITON_INTERPRET=1, for tests).
+A program takes up to ROW_BLOCK rows; larger batches (up to MAX_BATCH) run as row blocks. The step is
+shape-static and reads nothing back to the host, so a CUDA graph captures it. It needs Triton on CUDA (or
+the CPU interpreter, TRITON_INTERPRET=1, for tests).
 On GPUs of compute capability 9 and above (H100, H200, B200) the kernels are launched with programmatic
 dependent launch (`pdl`, by default at batch 1): each starts streaming its weights while the previous
 kernel finishes (see fused_kernels.py).
@@ -28,7 +29,17 @@ import os
 
 import torch
 
-MAX_BATCH = 64
+# Rows per program in the tensor-core form: larger batches run as row blocks of this many rows (a grid axis
+# shared with the output blocks; the row blocks of one output block read its weights from L2 after the first).
+ROW_BLOCK = 64
+# The largest batch: mamba_ssm puts the rows on the CUDA grid's second axis (at most 65535 programs).
+MAX_BATCH = 65535
+# step="auto" takes the fused step up to this many rows at any context. Above it the tensor-core form (tiles
+# sized for small batches; every row of a row block computed for each expert any row of it picked) is slower
+# than the static step's cuBLAS and grouped GEMMs once the step is compute-bound, so there auto takes it only
+# where the attention cache a step reads outweighs the weights (see fused_preferred; H200 measurements in
+# benchmarks/KERNEL_NOTES.md).
+AUTO_ROWS = 128
 
 # Batches up to this run the matmuls as GEMVs in registers, larger ones as tensor-core dots. One row: on the
 # H200 the GEMV form with a 4-row tile gave fp32 errors of ~1e-3 against the static step (jamba-tiny and
@@ -80,12 +91,30 @@ def fused_unavailable(model, batch_size: int) -> str | None:
         return f"dtype {model.dtype} is not supported (fp32, bf16, fp16)"
     if batch_size > MAX_BATCH:
         return f"batch {batch_size} is above the fused step's {MAX_BATCH} rows"
+    c = model.config  # the kernels index their per-step buffers with 32-bit offsets
+    buffers = {"MoE activations": max(c.num_experts, 1) * batch_size * c.intermediate_size,
+               "logits": batch_size * c.vocab_size, "SSM state": batch_size * c.mamba_inner_size * c.mamba_d_state}
+    for what, n in buffers.items():
+        if n >= 2**31:
+            return f"batch {batch_size}: the {what} ({n} elements) are past the kernels' 32-bit offsets"
     for name, p in model.named_parameters():  # the kernels index weights as dense row-major arrays
         if p.dtype != model.dtype:
             return f"parameter {name} is {p.dtype}, the model {model.dtype} (the kernels take one dtype)"
         if not p.is_contiguous():
             return f"parameter {name} is not contiguous (the kernels read row-major weights)"
     return None
+
+
+def fused_preferred(config, batch_size: int, max_length: int, nbytes: int) -> str | None:
+    """None where step="auto" takes the fused step for this batch and cache, else why the static one: up to
+    AUTO_ROWS rows always; above, only where the step's attention cache outweighs all the weights."""
+    if batch_size <= AUTO_ROWS:
+        return None
+    kv, weights = config.kv_cache_bytes(max_length, batch_size, nbytes), config.param_counts()["total"] * nbytes
+    if kv > weights:
+        return None
+    return (f"batch {batch_size} is above {AUTO_ROWS} rows and its attention cache ({kv / 2**30:.1f} GiB) is smaller "
+            f"than the weights ({weights / 2**30:.1f} GiB): the step is compute-bound, where cuBLAS is faster")
 
 
 def _pow2(n: int, lo: int = 16) -> int:
@@ -117,7 +146,8 @@ class FusedDecodeStep:
         c = model.config
         dev, dt = model.device, model.dtype
         self.B = batch_size
-        self.BB = _pow2(batch_size, 16 if self.dot else 1)  # the row tile
+        self.BB = min(_pow2(batch_size, 16 if self.dot else 1), ROW_BLOCK)  # the row tile
+        self.NRB = -(-batch_size // self.BB)  # row blocks
         # fp32 models get IEEE fp32 dots (no TF32); so does the CPU interpreter, whose 16-bit dot is wrong
         self.ieee = dt == torch.float32 or model.device.type != "cuda"
         self.elsize = 4 if self.ieee else dt.itemsize  # bytes per staged dot operand
@@ -151,22 +181,22 @@ class FusedDecodeStep:
         t = self.tiles["norm_linear"]
         Nout = weight.shape[0]
         out = torch.empty(self.B, Nout, device=h.device, dtype=h.dtype) if out is None else out
-        self.fk.norm_linear_kernel[(-(-Nout // t["BN"]),)](
+        self.fk.norm_linear_kernel[(-(-Nout // t["BN"]) * self.NRB,)](
             h, h.stride(0), norm.weight, norm.eps, weight, bias if bias is not None else weight, out, out.stride(0),
             self.B, self.H, Nout, HAS_BIAS=bias is not None, BB=self.BB, BN=t["BN"],
-            BK=self._k(t["BK"], t["BN"], self.H), IEEE=self.ieee, DOT=self.dot, PDL=self.pdl, num_warps=t["warps"],
-            launch_pdl=self.pdl)
+            BK=self._k(t["BK"], t["BN"], self.H), IEEE=self.ieee, DOT=self.dot, PDL=self.pdl, NRB=self.NRB,
+            num_warps=t["warps"], launch_pdl=self.pdl)
         return out
 
     def down_residual(self, h, act, weight, bias=None, routed=False, X=1):
         """h += act @ weight^T (+ bias), in place; routed: the MoE's weighted sum over experts."""
         t = self.tiles["down_moe" if routed else "down"]
         F = weight.shape[-1]
-        self.fk.down_residual_kernel[(-(-self.H // t["BH"]),)](
+        self.fk.down_residual_kernel[(-(-self.H // t["BH"]) * self.NRB,)](
             act, weight, weight.stride(0) if routed else 0, bias if bias is not None else weight, self.wsel, h,
             h.stride(0), self.B, self.H, F, X, ROUTED=routed, SP=self.slots if routed else 0, BXP=_pow2(X, 2),
             HAS_BIAS=bias is not None, BB=self.BB, BH=t["BH"], BF=self._k(t["BF"], t["BH"], F), IEEE=self.ieee,
-            DOT=self.dot, PDL=self.pdl, num_warps=t["warps"], launch_pdl=self.pdl)
+            DOT=self.dot, PDL=self.pdl, NRB=self.NRB, num_warps=t["warps"], launch_pdl=self.pdl)
 
     def partials_tile(self) -> int:
         """x_proj partial sums mamba_ssm reduces at a time: all of them where the (partials x columns) tile
@@ -177,7 +207,7 @@ class FusedDecodeStep:
         m = layer.mamba
         conv = cache.conv[i]  # (B, K-1, Di)
         fk, t1, t2 = self.fk, self.tiles["mamba_in"], self.tiles["mamba_ssm"]
-        fk.mamba_in_kernel[(2 * self.NP,)](
+        fk.mamba_in_kernel[(2 * self.NP * self.NRB,)](
             h, h.stride(0), layer.input_layernorm.weight, layer.input_layernorm.eps, m.in_proj.weight,
             m.in_proj.bias if m.in_proj.bias is not None else m.in_proj.weight, conv, conv.stride(0), conv.stride(1),
             m.conv1d.weight, m.conv1d.bias if m.conv1d.bias is not None else m.conv1d.weight, m.x_proj.weight,
@@ -185,7 +215,7 @@ class FusedDecodeStep:
             HAS_BIN=m.in_proj.bias is not None, HAS_CB=m.conv1d.bias is not None, KC=m.d_conv,
             KP=_pow2(m.d_conv - 1, 1), NU=self.NP, BB=self.BB, BD=t1["BD"], BK=self._k(t1["BK"], t1["BD"], self.H),
             BX=_pow2(self.NX), IEEE=self.ieee, DOT=self.dot,
-            PDL=self.pdl, num_warps=t1["warps"], launch_pdl=self.pdl)
+            PDL=self.pdl, NRB=self.NRB, num_warps=t1["warps"], launch_pdl=self.pdl)
         fk.mamba_ssm_kernel[(-(-self.Di // t2["BD"]), self.B)](
             self.xpart, self.u, self.z, m.dt_proj.weight, m.dt_proj.bias, m.A_log, m.D, m.dt_layernorm.weight,
             m.b_layernorm.weight, m.c_layernorm.weight, m.dt_layernorm.eps, cache.ssm[i], self.y,
@@ -223,11 +253,11 @@ class FusedDecodeStep:
         t = self.tiles["norm_linear"]
         nq, nkv = a.n_heads * hd, n_kv * hd
         fk = self.fk
-        fk.qkv_kernel[(-(-nq // t["BN"]) + 2 * -(-nkv // t["BN"]),)](
+        fk.qkv_kernel[((-(-nq // t["BN"]) + 2 * -(-nkv // t["BN"])) * self.NRB,)](
             h, h.stride(0), norm.weight, norm.eps, a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, q, keys,
             values, keys.stride(0), keys.stride(1), cache.pos, B, self.H, nq, nkv, hd, keys.shape[2], BB=self.BB,
             BN=t["BN"], BK=self._k(t["BK"], t["BN"], self.H), IEEE=self.ieee, DOT=self.dot, PDL=self.pdl,
-            num_warps=t["warps"], launch_pdl=self.pdl)
+            NRB=self.NRB, num_warps=t["warps"], launch_pdl=self.pdl)
         # Where a split can hold more than 256 positions (caches past ~16K positions at batch 1) the kernel is
         # launched without PDL: launched while qkv still runs, its programs were packed onto a sixth to a
         # half of the SMs, which for a kernel streaming the cache cost more than the early launch saves
@@ -258,10 +288,10 @@ class FusedDecodeStep:
             X, routed = 1, False
             wg, wu, wd, s_up = ff.gate_proj.weight, ff.up_proj.weight, ff.down_proj.weight, 0
         sp = self.slots if routed else 0  # one row: a program per F block and picked expert, not per expert
-        self.fk.ffn_up_kernel[(-(-self.F // t["BF"]), self.K if sp else X)](
+        self.fk.ffn_up_kernel[(-(-self.F // t["BF"]) * self.NRB, self.K if sp else X)](
             h, h.stride(0), norm.weight, norm.eps, wg, wu, s_up, self.act, self.wsel, self.B, self.H, self.F, X,
             ROUTED=routed, SP=sp, BXP=_pow2(X, 2), BB=self.BB, BF=t["BF"], BK=self._k(t["BK"], 2 * t["BF"], self.H),
-            IEEE=self.ieee, DOT=self.dot, PDL=self.pdl, num_warps=t["warps"], launch_pdl=self.pdl)
+            IEEE=self.ieee, DOT=self.dot, PDL=self.pdl, NRB=self.NRB, num_warps=t["warps"], launch_pdl=self.pdl)
         self.down_residual(h, self.act, wd, routed=routed, X=X)
 
     # ------------------------------------------------------------------ the step

@@ -61,6 +61,14 @@ def _after_previous_kernel(PDL: tl.constexpr):
 
 
 @triton.jit
+def _row_block(pid, NRB: tl.constexpr, BB: tl.constexpr):
+    """Batches above one row tile run as NRB row blocks of BB rows, along the grid's first axis with the
+    output blocks: program pid -> (its output block, its first row). The row blocks of one output block
+    are neighbours in launch order, so all but the first read that block's weights from L2."""
+    return pid // NRB, (pid % NRB) * BB
+
+
+@triton.jit
 def _dot(a, b, IEEE: tl.constexpr):
     """a @ b with fp32 accumulation. IEEE: exact fp32 products of the inputs as fp32 (for fp32 models: no
     TF32 rounding; and on the CPU interpreter, whose 16-bit dot is wrong)."""
@@ -127,30 +135,39 @@ def _matmul(x_ptr, s_xb, nw_ptr, eps, w0, w_ptr, s_wn, n0, N, B, K,
 @triton.jit
 def norm_linear_kernel(h_ptr, s_hb, nw_ptr, eps, w_ptr, bias_ptr, y_ptr, s_yb, B, H, N,
                        HAS_BIAS: tl.constexpr, BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                       IEEE: tl.constexpr, DOT: tl.constexpr, PDL: tl.constexpr):
-    """y (B, N) = Linear(RMSNorm(h)), in y's dtype. Grid: (cdiv(N, BN),)."""
-    n0 = tl.program_id(0) * BN
+                       IEEE: tl.constexpr, DOT: tl.constexpr, PDL: tl.constexpr, NRB: tl.constexpr):
+    """y (B, N) = Linear(RMSNorm(h)), in y's dtype. Grid: (cdiv(N, BN) * NRB,)."""
+    blk, r0 = _row_block(tl.program_id(0), NRB, BB)
+    n0 = blk * BN
+    h_ptr += r0 * s_hb
+    y_ptr += r0 * s_yb
+    nb = B - r0  # rows in this block (up to BB)
     w0 = _w_tile(w_ptr, H, n0, N, 0, H, BN, BK)
     _after_previous_kernel(PDL)
-    acc = _matmul(h_ptr, s_hb, nw_ptr, eps, w0, w_ptr, H, n0, N, B, H, BB, BN, BK, True, IEEE, DOT)
+    acc = _matmul(h_ptr, s_hb, nw_ptr, eps, w0, w_ptr, H, n0, N, nb, H, BB, BN, BK, True, IEEE, DOT)
     ns = n0 + tl.arange(0, BN)
     rows = tl.arange(0, BB)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + ns, mask=ns < N, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rows[:, None] * s_yb + ns[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=(rows[:, None] < B) & (ns[None, :] < N))
+             mask=(rows[:, None] < nb) & (ns[None, :] < N))
 
 
 @triton.jit
 def qkv_kernel(h_ptr, s_hb, nw_ptr, eps, wq_ptr, wk_ptr, wv_ptr, q_ptr, k_ptr, v_ptr, s_kb, s_kh, pos_ptr,
                B, H, NQ, NKV, HD, L, BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
-               DOT: tl.constexpr, PDL: tl.constexpr):
+               DOT: tl.constexpr, PDL: tl.constexpr, NRB: tl.constexpr):
     """An attention layer's q, k and v projections of RMSNorm(h) in one launch; k and v go straight into
-    the caches at the current position. Grid (cdiv(NQ, BN) + 2 cdiv(NKV, BN),): the first programs
+    the caches at the current position. Grid ((cdiv(NQ, BN) + 2 cdiv(NKV, BN)) * NRB,): the first programs
     compute q (B, NQ); the next k, then v (B, NKV), written at k_ptr[b, n // HD, pos, n % HD] of a
     (B, Hkv, L, HD) cache with batch and head strides s_kb, s_kh (nothing is written once pos reaches L:
     callers check the room on the host). pos (a device scalar) was last written before the step began."""
-    pid = tl.program_id(0)
+    pid, r0 = _row_block(tl.program_id(0), NRB, BB)
+    h_ptr += r0 * s_hb
+    q_ptr += r0 * NQ
+    k_ptr += r0.to(tl.int64) * s_kb
+    v_ptr += r0.to(tl.int64) * s_kb
+    nb = B - r0
     nq = tl.cdiv(NQ, BN)
     nkv = tl.cdiv(NKV, BN)
     if pid < nq:
@@ -162,10 +179,10 @@ def qkv_kernel(h_ptr, s_hb, nw_ptr, eps, wq_ptr, wk_ptr, wv_ptr, q_ptr, k_ptr, v
     w0 = _w_tile(w_ptr, H, n0, N, 0, H, BN, BK)
     pos = tl.load(pos_ptr).to(tl.int64)
     _after_previous_kernel(PDL)
-    acc = _matmul(h_ptr, s_hb, nw_ptr, eps, w0, w_ptr, H, n0, N, B, H, BB, BN, BK, True, IEEE, DOT)
+    acc = _matmul(h_ptr, s_hb, nw_ptr, eps, w0, w_ptr, H, n0, N, nb, H, BB, BN, BK, True, IEEE, DOT)
     ns = n0 + tl.arange(0, BN)
     rows = tl.arange(0, BB)
-    m2 = (rows[:, None] < B) & (ns[None, :] < N)
+    m2 = (rows[:, None] < nb) & (ns[None, :] < N)
     y = acc.to(h_ptr.dtype.element_ty)
     if pid < nq:
         tl.store(q_ptr + rows[:, None] * NQ + ns[None, :], y, mask=m2)
@@ -183,15 +200,21 @@ def mamba_in_kernel(
     u_ptr, z_ptr, xpart_ptr, B, H, Di, NX,
     HAS_BIN: tl.constexpr, HAS_CB: tl.constexpr, KC: tl.constexpr, KP: tl.constexpr, NU: tl.constexpr,
     BB: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr, BX: tl.constexpr, IEEE: tl.constexpr,
-    DOT: tl.constexpr, PDL: tl.constexpr,
+    DOT: tl.constexpr, PDL: tl.constexpr, NRB: tl.constexpr,
 ):
-    """Programs [0, NU): BD channels of u = in_proj(RMSNorm(h))[:, :Di], the conv update of those channels
-    (conv state (B, KC-1, Di) shifted in place) + SiLU -> u (B, Di), and their share of x_proj:
-    xpart[p] (B, NX) fp32. Programs [NU, 2 NU): BD channels of z = in_proj(...)[:, Di:] -> z (B, Di).
+    """Grid (2 NU * NRB,). Programs [0, NU): BD channels of u = in_proj(RMSNorm(h))[:, :Di], the conv
+    update of those channels (conv state (B, KC-1, Di) shifted in place) + SiLU -> u (B, Di), and their
+    share of x_proj: xpart[p] (B, NX) fp32. Programs [NU, 2 NU): BD channels of z = in_proj(...)[:, Di:]
+    -> z (B, Di).
     KP: the KC - 1 conv state rows padded to a power of two."""
-    pid = tl.program_id(0)
+    pid, r0 = _row_block(tl.program_id(0), NRB, BB)
+    h_ptr += r0 * s_hb
+    conv_ptr += r0 * s_cb
+    u_ptr += r0 * Di
+    z_ptr += r0 * Di
+    xpart_ptr += r0 * NX
     rows = tl.arange(0, BB)
-    rmask = rows < B
+    rmask = rows < B - r0
     dt = h_ptr.dtype.element_ty
     if pid < NU:
         d0 = pid * BD
@@ -214,7 +237,7 @@ def mamba_in_kernel(
         if HAS_CB:
             bias = tl.load(cb_ptr + ds, mask=dmask, other=0.0).to(tl.float32)
         _after_previous_kernel(PDL)
-        acc = _matmul(h_ptr, s_hb, nw_ptr, eps, w0, win_ptr, H, d0, Di, B, H, BB, BD, BK, True, IEEE, DOT)
+        acc = _matmul(h_ptr, s_hb, nw_ptr, eps, w0, win_ptr, H, d0, Di, B - r0, H, BB, BD, BK, True, IEEE, DOT)
         if HAS_BIN:
             acc += tl.load(bin_ptr + ds, mask=dmask, other=0.0).to(tl.float32)[None, :]
         x = acc.to(dt).to(tl.float32)  # in_proj output in the model dtype
@@ -235,7 +258,8 @@ def mamba_in_kernel(
         ds = d0 + tl.arange(0, BD)
         w0 = _w_tile(win_ptr + Di * H, H, d0, Di, 0, H, BD, BK)
         _after_previous_kernel(PDL)
-        acc = _matmul(h_ptr, s_hb, nw_ptr, eps, w0, win_ptr + Di * H, H, d0, Di, B, H, BB, BD, BK, True, IEEE, DOT)
+        acc = _matmul(h_ptr, s_hb, nw_ptr, eps, w0, win_ptr + Di * H, H, d0, Di, B - r0, H, BB, BD, BK, True, IEEE,
+                      DOT)
         if HAS_BIN:
             acc += tl.load(bin_ptr + Di + ds, mask=ds < Di, other=0.0).to(tl.float32)[None, :]
         tl.store(z_ptr + rows[:, None] * Di + ds[None, :], acc.to(dt), mask=rmask[:, None] & (ds[None, :] < Di))
@@ -358,15 +382,18 @@ def _picked_experts(wsel_ptr, X, BXP: tl.constexpr, SP: tl.constexpr):
 def ffn_up_kernel(
     h_ptr, s_hb, nw_ptr, eps, wg_ptr, wu_ptr, s_we, act_ptr, wsel_ptr, B, H, F, X,
     ROUTED: tl.constexpr, SP: tl.constexpr, BXP: tl.constexpr, BB: tl.constexpr, BF: tl.constexpr,
-    BK: tl.constexpr, IEEE: tl.constexpr, DOT: tl.constexpr, PDL: tl.constexpr,
+    BK: tl.constexpr, IEEE: tl.constexpr, DOT: tl.constexpr, PDL: tl.constexpr, NRB: tl.constexpr,
 ):
-    """Grid (cdiv(F, BF), X), or (cdiv(F, BF), top-k) with SP > 0 (one row: program_id(1) is a slot of
+    """Grid (cdiv(F, BF) * NRB, X), or (cdiv(F, BF), top-k) with SP > 0 (one row: program_id(1) is a slot of
     _picked_experts). Expert e of a MoE (ROUTED: rows with wsel[e, b] != 0, from router_kernel) or the
     dense MLP (X = 1, every row): act[e, b, f-block] = silu(gate_e x) * up_e x with x = RMSNorm(h). An
     expert no row picked reads no weights (so a MoE's weights wait for the routing)."""
-    pf = tl.program_id(0)
+    pf, r0 = _row_block(tl.program_id(0), NRB, BB)
+    h_ptr += r0 * s_hb
+    act_ptr += r0 * F
+    wsel_ptr += r0
     rows = tl.arange(0, BB)
-    rmask = rows < B
+    rmask = rows < B - r0
     dt = h_ptr.dtype.element_ty
     f0 = pf * BF
     if ROUTED:
@@ -390,11 +417,11 @@ def ffn_up_kernel(
         wu0 = _w_tile(wu_ptr + e * s_we, H, f0, F, 0, H, BF, BK)
         if not ROUTED:
             _after_previous_kernel(PDL)
-        x, ss = _x_tile(h_ptr, s_hb, nw_ptr, B, 0, H, BB, BK, True)
+        x, ss = _x_tile(h_ptr, s_hb, nw_ptr, B - r0, 0, H, BB, BK, True)
         g = _mm(x, wg0, IEEE, DOT)
         up = _mm(x, wu0, IEEE, DOT)
         for k0 in range(BK, H, BK):
-            x, s = _x_tile(h_ptr, s_hb, nw_ptr, B, k0, H, BB, BK, True)
+            x, s = _x_tile(h_ptr, s_hb, nw_ptr, B - r0, k0, H, BB, BK, True)
             ss += s
             g += _mm(x, _w_tile(wg_ptr + e * s_we, H, f0, F, k0, H, BF, BK), IEEE, DOT)
             up += _mm(x, _w_tile(wu_ptr + e * s_we, H, f0, F, k0, H, BF, BK), IEEE, DOT)
@@ -426,8 +453,9 @@ def down_residual_kernel(
     act_ptr, wd_ptr, s_we, bias_ptr, wsel_ptr, h_ptr, s_hb, B, H, F, X,
     ROUTED: tl.constexpr, SP: tl.constexpr, BXP: tl.constexpr, HAS_BIAS: tl.constexpr, BB: tl.constexpr,
     BH: tl.constexpr, BF: tl.constexpr, IEEE: tl.constexpr, DOT: tl.constexpr, PDL: tl.constexpr,
+    NRB: tl.constexpr,
 ):
-    """Grid (cdiv(H, BH),): h[:, block] += the layer output, in place, rounded as the eager layers round.
+    """Grid (cdiv(H, BH) * NRB,): h[:, block] += the layer output, in place, rounded as the eager layers round.
 
     ROUTED (MoE): out = sum over the experts some row picked (in expert order, each term rounded) of
     wsel[e] * down_e(act[e]), act (X, B, F), down weights (X, H, F); with SP > 0 (one row) the picked
@@ -435,11 +463,15 @@ def down_residual_kernel(
     after it, expert by expert. Otherwise one linear layer: out = act @ W^T (+ bias) with act (B, F),
     W (H, F): the MLP's down projection, Mamba's out_proj, attention's o_proj; its first tile is read
     before the wait. The residual h is read before the wait too (written two or more kernels back)."""
-    h0 = tl.program_id(0) * BH
+    hb, r0 = _row_block(tl.program_id(0), NRB, BB)
+    h_ptr += r0 * s_hb
+    act_ptr += r0 * F  # act (B, F) or (X, B, F)
+    wsel_ptr += r0
+    h0 = hb * BH
     hs = h0 + tl.arange(0, BH)
     hmask = hs < H
     rows = tl.arange(0, BB)
-    rmask = rows < B
+    rmask = rows < B - r0
     dt = h_ptr.dtype.element_ty
     m2 = rmask[:, None] & hmask[None, :]
     hp = h_ptr + rows[:, None] * s_hb + hs[None, :]
@@ -469,7 +501,7 @@ def down_residual_kernel(
                 if tl.max(tl.abs(w), axis=0) != 0.0:
                     wd = wd_ptr + e * s_we
                     acc = _matmul(act_ptr + e * B * F, F, act_ptr, 0.0, _w_tile(wd, F, h0, H, 0, F, BH, BF), wd, F, h0,
-                                  H, B, F, BB, BH, BF, False, IEEE, DOT)
+                                  H, B - r0, F, BB, BH, BF, False, IEEE, DOT)
                     if HAS_BIAS:
                         acc += tl.load(bias_ptr + hs, mask=hmask, other=0.0).to(tl.float32)[None, :]
                     y = (acc.to(dt).to(tl.float32) * w[:, None]).to(dt).to(tl.float32)
@@ -477,7 +509,7 @@ def down_residual_kernel(
     else:
         w0 = _w_tile(wd_ptr, F, h0, H, 0, F, BH, BF)
         _after_previous_kernel(PDL)
-        out = _matmul(act_ptr, F, act_ptr, 0.0, w0, wd_ptr, F, h0, H, B, F, BB, BH, BF, False, IEEE, DOT)
+        out = _matmul(act_ptr, F, act_ptr, 0.0, w0, wd_ptr, F, h0, H, B - r0, F, BB, BH, BF, False, IEEE, DOT)
         if HAS_BIAS:
             out += tl.load(bias_ptr + hs, mask=hmask, other=0.0).to(tl.float32)[None, :]
         out = out.to(dt).to(tl.float32)

@@ -6,7 +6,8 @@ import torch
 
 from openjamba import JambaConfig, JambaForCausalLM
 from openjamba.inference import FusedDecodeStep, Generator, generate
-from openjamba.inference.fused import GEMV_MAX_ROWS, MAX_BATCH
+from openjamba.inference import fused
+from openjamba.inference.fused import GEMV_MAX_ROWS
 from openjamba.inference.step import decode_step
 
 CUDA = torch.cuda.is_available()
@@ -62,6 +63,28 @@ def test_both_matmul_forms_equal_static_step_fp32(batch):
     _compare(_model(mamba_proj_bias=True), batch=batch, steps=3, rtol=1e-5, atol=1e-5)
 
 
+def test_batches_above_one_row_tile_run_as_row_blocks_fp32(monkeypatch):
+    """Rows past one program's row tile run as row blocks (here 16 rows per block: 40 rows are blocks of
+    16, 16 and 8), every kernel's rows offset by its block, MoE experts picked per block."""
+    monkeypatch.setattr(fused, "ROW_BLOCK", 16)
+    model = _model()
+    assert (FusedDecodeStep(model, 40).BB, FusedDecodeStep(model, 40).NRB) == (16, 3)
+    _compare(model, batch=40, steps=3, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_takes_the_fused_step_for_large_batches_only_where_the_cache_dominates():
+    """step="auto" above AUTO_ROWS rows: fused where the attention cache a step reads outweighs the weights
+    (H200: jamba-1b at batch 256, 32K context: 9.4 vs 12.3 ms), static where the step is compute-bound
+    (1K context: 5.0 vs 4.4 ms; a model without attention at any context)."""
+    cfg = JambaConfig.from_name("jamba-1b")
+    mamba = JambaConfig.from_name("jamba-1b", attn_layer_period=17, attn_layer_offset=16)
+    assert fused.fused_preferred(cfg, fused.AUTO_ROWS, 1024, 2) is None
+    assert fused.fused_preferred(mamba, fused.AUTO_ROWS, 1 << 20, 2) is None
+    assert fused.fused_preferred(cfg, 256, 32768, 2) is None
+    assert "batch 256 is above 128 rows" in fused.fused_preferred(cfg, 256, 1100, 2)
+    assert "attention cache (0.0 GiB)" in fused.fused_preferred(mamba, 256, 1 << 20, 2)
+
+
 def test_full_cache_is_not_written_past_its_end():
     """The fused step writes K/V itself at the device position: at a full cache it writes nothing and
     attends over the cache's positions only (the Generator refuses the step on the host before that)."""
@@ -104,8 +127,18 @@ def test_fused_step_is_chosen_visibly_and_refused_clearly(monkeypatch):
     model = _model()
     assert Generator(model, 2, 16, mode="static", step="fused").step == "fused"
     assert Generator(model, 2, 16, mode="static").step == ("fused" if CUDA else "static")  # auto: fused on CUDA
-    with pytest.raises(RuntimeError, match=f"batch {MAX_BATCH + 1}"):
-        Generator(model, MAX_BATCH + 1, 16, mode="static", step="fused")
+    monkeypatch.setattr(fused, "AUTO_ROWS", 1)  # 2 rows above it, and a cache far smaller than the weights
+    assert Generator(model, 2, 16, mode="static").step == "static"
+    assert Generator(model, 2, 16, mode="static", step="fused").step == "fused"  # asked for: taken
+    monkeypatch.undo()
+    assert "batch 65536 is above the fused step's 65535 rows" in fused.fused_unavailable(model, 65536)
+    wide = _model(intermediate_size=8200)  # 4 experts x 65535 rows x 8200 is past 2^31
+    assert "MoE activations (2149548000 elements) are past the kernels' 32-bit offsets" in \
+        fused.fused_unavailable(wide, 65535)
+    assert fused.fused_unavailable(model, 65535) is None
+    monkeypatch.setattr(fused, "MAX_BATCH", 8)
+    with pytest.raises(RuntimeError, match="batch 9 is above"):
+        Generator(model, 9, 16, mode="static", step="fused")
     with pytest.raises(ValueError, match="moe_impl"):
         Generator(model, 2, 16, mode="static", step="fused", moe_impl="dense")
     with pytest.raises(ValueError, match="use mode 'static' or 'graph'"):
