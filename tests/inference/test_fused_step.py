@@ -103,6 +103,28 @@ def test_full_cache_is_not_written_past_its_end():
                                                                                         device=DEVICE), 5)
 
 
+def test_full_cache_reads_no_position_past_its_end():
+    """At a full cache the split kernel reads positions [0, L) only. Each head's keys and values here sit in
+    a buffer whose positions past L hold NaN (and the padding mask's say "valid"): one read past the end
+    would make the logits NaN."""
+    model = _model()
+    L = 4
+    cache = model.new_cache(1, L)
+    torch.manual_seed(1)
+    for store in (cache.key, cache.value):
+        for i, t in store.items():
+            buf = torch.full((t.shape[0], t.shape[1], L + 64, t.shape[3]), float("nan"), device=DEVICE)
+            buf[:, :, :L] = torch.randn_like(t)
+            store[i] = buf[:, :, :L]
+    mask = torch.ones(1, L + 64, dtype=torch.bool, device=DEVICE)
+    cache.key_mask = mask[:, :L]
+    cache.length = L
+    cache.sync_position()
+    with torch.no_grad():
+        logits = FusedDecodeStep(model, 1)(model, torch.zeros(1, 1, dtype=torch.long, device=DEVICE), cache)
+    assert torch.isfinite(logits).all()
+
+
 def test_x_proj_partials_reduced_in_slices_fp32():
     """Wide models reduce the x_proj partial sums a slice at a time (here 2 at a time of 4: batch 1 takes
     the GEMV tiles, 16 channels per mamba_in program, so d_inner 64 gives 4 partials)."""
