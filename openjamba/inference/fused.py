@@ -30,7 +30,8 @@ import os
 import torch
 
 # Rows per program in the tensor-core form: larger batches run as row blocks of this many rows (a grid axis
-# shared with the output blocks; the row blocks of one output block read its weights from L2 after the first).
+# shared with the output blocks; the row blocks of one output block launch together, so its weights can be
+# read from L2 after the first).
 ROW_BLOCK = 64
 # The largest batch: mamba_ssm puts the rows on the CUDA grid's second axis (at most 65535 programs).
 MAX_BATCH = 65535

@@ -64,7 +64,7 @@ def _after_previous_kernel(PDL: tl.constexpr):
 def _row_block(pid, NRB: tl.constexpr, BB: tl.constexpr):
     """Batches above one row tile run as NRB row blocks of BB rows, along the grid's first axis with the
     output blocks: program pid -> (its output block, its first row). The row blocks of one output block
-    are neighbours in launch order, so all but the first read that block's weights from L2."""
+    are neighbours in launch order, so the later ones can find that block's weights in L2."""
     return pid // NRB, (pid % NRB) * BB
 
 

@@ -68,7 +68,8 @@ def test_batches_above_one_row_tile_run_as_row_blocks_fp32(monkeypatch):
     16, 16 and 8), every kernel's rows offset by its block, MoE experts picked per block."""
     monkeypatch.setattr(fused, "ROW_BLOCK", 16)
     model = _model()
-    assert (FusedDecodeStep(model, 40).BB, FusedDecodeStep(model, 40).NRB) == (16, 3)
+    step = FusedDecodeStep(model, 40)
+    assert (step.BB, step.NRB) == (16, 3)
     _compare(model, batch=40, steps=3, rtol=1e-5, atol=1e-5)
 
 

@@ -128,7 +128,7 @@ def test_graph_step_as_close_to_fp32_as_the_static_bf16_step(step, batch):
 
 
 @pytest.mark.parametrize("pdl", [True, False])
-@pytest.mark.parametrize("batch", [1, 3, 16, 64])  # the GEMV form (1 row), the tensor-core form
+@pytest.mark.parametrize("batch", [1, 3, 16, 64, 130])  # GEMV (1 row), tensor-core, row blocks (64, 64, 2)
 def test_fused_step_equals_static_step_at_real_size_fp32(batch, pdl):
     """jamba-1b sizes (hidden 1024, 8 experts, d_inner 2048): the kernels' tiling at the sizes benchmarked,
     launched with and without programmatic dependent launch."""
