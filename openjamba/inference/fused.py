@@ -35,12 +35,12 @@ import torch
 ROW_BLOCK = 64
 # The largest batch: mamba_ssm puts the rows on the CUDA grid's second axis (at most 65535 programs).
 MAX_BATCH = 65535
-# step="auto" takes the fused step up to this many rows at any context. Above it the tensor-core form (tiles
-# sized for small batches; every row of a row block computed for each expert any row of it picked) is slower
-# than the static step's cuBLAS and grouped GEMMs once the step is compute-bound, so there auto takes it only
-# where the attention cache a step reads outweighs the weights (see fused_preferred; H200 measurements in
-# benchmarks/KERNEL_NOTES.md).
-AUTO_ROWS = 128
+# step="auto" takes the fused step up to this many rows at any context: on an H200 it measured faster than
+# the static step at every batch up to 256 (jamba-1b, a pure Mamba and a pure Transformer model at 1K of
+# context, where the step is closest to compute-bound; benchmarks/KERNEL_NOTES.md, version 10). Above it, not
+# measured, auto takes the fused step only where the attention cache a step reads outweighs the weights (see
+# fused_preferred): there the cache reads, not the matmuls, set the time.
+AUTO_ROWS = 256
 
 # Batches up to this run the matmuls as GEMVs in registers, larger ones as tensor-core dots. One row: on the
 # H200 the GEMV form with a 4-row tile gave fp32 errors of ~1e-3 against the static step (jamba-tiny and
@@ -62,6 +62,23 @@ TILES = {
     "down": (dict(BH=4, BF=4096, warps=4), dict(BH=16, BF=512, warps=4)),
     "down_moe": (dict(BH=2, BF=4096, warps=4), dict(BH=16, BF=512, warps=4)),
 }
+# Tensor-core tiles for larger batches: (above this many rows, {kernel: tiles}), applied in order over the dot
+# column of TILES. Swept on an H200 for jamba-1b at 128 and 256 rows, 1K of context (benchmarks/KERNEL_NOTES.md,
+# version 10). Wider mamba_in blocks leave fewer x_proj partial sums, which mamba_ssm reduces once per row.
+WIDE_TILES = (
+    (64, {"mamba_in": dict(BD=64, BK=128, warps=4)}),
+    (128, {"mamba_in": dict(BD=128, BK=64, warps=8), "ffn_up": dict(BF=128, BK=64, warps=8),
+           "down": dict(BH=32, BF=256, warps=4), "down_moe": dict(BH=32, BF=256, warps=4)}),
+)
+
+
+def default_tiles(batch_size: int) -> dict:
+    """The tiles of every fused kernel at this batch: TILES' GEMV or dot column, then WIDE_TILES."""
+    tiles = {k: dict(v[0 if batch_size <= GEMV_MAX_ROWS else 1]) for k, v in TILES.items()}
+    for rows, wide in WIDE_TILES:
+        if batch_size > rows:
+            tiles.update((k, dict(v)) for k, v in wide.items())
+    return tiles
 
 
 def pdl_unavailable(device: torch.device) -> str | None:
@@ -115,7 +132,8 @@ def fused_preferred(config, batch_size: int, max_length: int, nbytes: int) -> st
     if kv > weights:
         return None
     return (f"batch {batch_size} is above {AUTO_ROWS} rows and its attention cache ({kv / 2**30:.1f} GiB) is smaller "
-            f"than the weights ({weights / 2**30:.1f} GiB): the step is compute-bound, where cuBLAS is faster")
+            f"than the weights ({weights / 2**30:.1f} GiB): the step is closer to compute-bound, where the fused "
+            f"step is not measured against cuBLAS")
 
 
 def _pow2(n: int, lo: int = 16) -> int:
@@ -129,9 +147,10 @@ class FusedDecodeStep:
     """One decoding token per row through the fused kernels; see the module docstring."""
 
     def __init__(self, model, batch_size: int, tiles: dict | None = None, pdl: bool | None = None):
-        """tiles: per-kernel overrides of TILES. pdl: launch with programmatic dependent launch; None: for the
-        GEMV form where the device supports it (on an H200: 0.485 vs 0.62 ms per jamba-1b token at batch 1, but
-        1.141 vs 1.054 ms in the tensor-core form at batch 16); True where the device cannot is an error."""
+        """tiles: per-kernel overrides of default_tiles(batch_size). pdl: launch with programmatic dependent
+        launch; None: for the GEMV form where the device supports it (on an H200: 0.485 vs 0.62 ms per jamba-1b
+        token at batch 1, but 1.141 vs 1.054 ms in the tensor-core form at batch 16); True where the device
+        cannot is an error."""
         reason = fused_unavailable(model, batch_size)
         if reason:
             raise RuntimeError(f"the fused decoding step cannot run: {reason}")
@@ -143,7 +162,7 @@ class FusedDecodeStep:
         self.fk = fk
         self.dot = batch_size > GEMV_MAX_ROWS
         self.pdl = (why_not is None and not self.dot) if pdl is None else bool(pdl)
-        self.tiles = {k: dict(v[1 if self.dot else 0], **(tiles or {}).get(k, {})) for k, v in TILES.items()}
+        self.tiles = {k: dict(v, **(tiles or {}).get(k, {})) for k, v in default_tiles(batch_size).items()}
         c = model.config
         dev, dt = model.device, model.dtype
         self.B = batch_size

@@ -73,17 +73,39 @@ def test_batches_above_one_row_tile_run_as_row_blocks_fp32(monkeypatch):
     _compare(model, batch=40, steps=3, rtol=1e-5, atol=1e-5)
 
 
+def test_large_batch_tiles_fp32(monkeypatch):
+    """The tiles of batches past 64 and 128 rows (WIDE_TILES: wider mamba_in blocks, so fewer x_proj
+    partial sums; wider expert and down tiles), here taken up from 16 and 32 rows, in row blocks of 16."""
+    monkeypatch.setattr(fused, "ROW_BLOCK", 16)
+    monkeypatch.setattr(fused, "WIDE_TILES", tuple((rows // 4, t) for rows, t in fused.WIDE_TILES))
+    model = _model()
+    step = FusedDecodeStep(model, 40)
+    want = fused.default_tiles(1000)
+    assert step.tiles == want and want["mamba_in"] != fused.TILES["mamba_in"][1]
+    assert step.NP == -(-model.config.mamba_inner_size // want["mamba_in"]["BD"])
+    _compare(model, batch=40, steps=3, rtol=1e-5, atol=1e-5)
+
+
+def test_default_tiles_by_batch():
+    dot = {k: v[1] for k, v in fused.TILES.items()}
+    assert fused.default_tiles(1) == {k: v[0] for k, v in fused.TILES.items()}
+    assert fused.default_tiles(64) == dot
+    assert fused.default_tiles(65) == {**dot, **fused.WIDE_TILES[0][1]}
+    assert fused.default_tiles(129) == {**dot, **fused.WIDE_TILES[0][1], **fused.WIDE_TILES[1][1]}
+
+
 def test_auto_takes_the_fused_step_for_large_batches_only_where_the_cache_dominates():
-    """step="auto" above AUTO_ROWS rows: fused where the attention cache a step reads outweighs the weights
-    (H200: jamba-1b at batch 256, 32K context: 9.4 vs 12.3 ms), static where the step is compute-bound
-    (1K context: 5.0 vs 4.4 ms; a model without attention at any context)."""
+    """step="auto": fused up to AUTO_ROWS rows at any context (H200: faster than static at every batch up to
+    256, the closest jamba-1b at 1K context: 4.02 vs 4.57 ms); above it, fused only where the attention cache
+    a step reads outweighs the weights (not for a model without attention)."""
     cfg = JambaConfig.from_name("jamba-1b")
     mamba = JambaConfig.from_name("jamba-1b", attn_layer_period=17, attn_layer_offset=16)
-    assert fused.fused_preferred(cfg, fused.AUTO_ROWS, 1024, 2) is None
-    assert fused.fused_preferred(mamba, fused.AUTO_ROWS, 1 << 20, 2) is None
-    assert fused.fused_preferred(cfg, 256, 32768, 2) is None
-    assert "batch 256 is above 128 rows" in fused.fused_preferred(cfg, 256, 1100, 2)
-    assert "attention cache (0.0 GiB)" in fused.fused_preferred(mamba, 256, 1 << 20, 2)
+    assert fused.AUTO_ROWS == 256
+    assert fused.fused_preferred(cfg, 256, 1024, 2) is None
+    assert fused.fused_preferred(mamba, 256, 1 << 20, 2) is None
+    assert fused.fused_preferred(cfg, 512, 32768, 2) is None
+    assert "batch 512 is above 256 rows" in fused.fused_preferred(cfg, 512, 1100, 2)
+    assert "attention cache (0.0 GiB)" in fused.fused_preferred(mamba, 512, 1 << 20, 2)
 
 
 def test_full_cache_is_not_written_past_its_end():

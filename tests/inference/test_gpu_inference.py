@@ -78,20 +78,22 @@ def test_decode_loop_has_no_host_sync():
 
 
 def test_chunked_prefill_peak_memory_is_bounded():
-    """Peak memory above the cache grows with the chunk, not with the prompt."""
+    """Peak memory above the cache grows with the chunk, not with the prompt. Counted in requested bytes: the
+    allocated-bytes peak counts whole cached blocks, so it depends on what earlier work left in the caching
+    allocator. A first prefill takes the one-time allocations (library workspaces) out of the measurement."""
     model = _model(torch.bfloat16, hidden_size=256, intermediate_size=512)
     extra = {}
-    for T in (8192, 32768):
+    for T in (2048, 8192, 32768):
         gen = Generator(model, 1, T + 8, mode="eager", chunk_size=1024)
         ids = torch.randint(0, 128, (1, T), device="cuda")
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+        base = torch.cuda.memory_stats()["requested_bytes.all.current"]
         gen.prefill(ids)
         torch.cuda.synchronize()
-        extra[T] = torch.cuda.max_memory_allocated() - base
+        extra[T] = torch.cuda.memory_stats()["requested_bytes.all.peak"] - base
         del gen
-    assert extra[32768] < 1.5 * extra[8192], extra
+    assert 0 < extra[32768] < 1.5 * extra[8192], extra
 
 
 def test_sampling_seeded_on_gpu():
