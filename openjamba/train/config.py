@@ -72,8 +72,9 @@ class TrainSection:
     max_steps: int = 1000
     max_seconds: float = 0.0  # stop (with a final checkpoint) after this much wall time; 0 = no limit
     seed: int = 0
-    # torch's deterministic algorithms (bit-reproducible GPU runs; slower: e.g. the selective-scan
-    # backward then sums dB/dC per channel block instead of by atomic adds)
+    # torch's deterministic algorithms, strict (bit-identical GPU runs; slower: e.g. the selective-scan
+    # backward then sums dB/dC per channel block instead of by atomic adds; an op without a deterministic
+    # implementation is an error)
     deterministic: bool = False
     device: str = "auto"  # "auto" = cuda if available else cpu
     # "auto" (bf16 autocast on CUDA, fp32 on CPU), "autocast", "bf16", "fp32"; under FSDP2, "autocast" and

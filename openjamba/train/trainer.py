@@ -396,9 +396,17 @@ def train(cfg: TrainConfig, resume: bool = False, model: JambaForCausalLM | None
         return _train(cfg, resume, model)
     prev = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's condition for reproducibility
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    # Strict, not warn-only: in warn-only mode torch keeps (and warns about) non-deterministic algorithms,
+    # attention's backward among them; strict mode takes SDPA's deterministic backward paths and makes an
+    # op that has none an error.
+    torch.use_deterministic_algorithms(True)
     try:
         return _train(cfg, resume, model)
+    except RuntimeError as e:
+        if "does not have a deterministic implementation" in str(e):
+            raise RuntimeError(f"train.deterministic is set, and an operation of this run has no deterministic "
+                               f"implementation in torch: {str(e).splitlines()[0]}") from e
+        raise
     finally:
         torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
 

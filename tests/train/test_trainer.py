@@ -169,7 +169,7 @@ def test_training_on_gpu(data_dir, tmp_path, precision):
 
 
 def test_deterministic_mode_is_on_during_training_only(data_dir, tmp_path, monkeypatch):
-    """train.deterministic switches torch's deterministic algorithms on for the run and restores the
+    """train.deterministic switches torch's deterministic algorithms on (strict) for the run and restores the
     previous setting afterwards (it is process-global)."""
     import openjamba.train.trainer as trainer_mod
 
@@ -177,7 +177,8 @@ def test_deterministic_mode_is_on_during_training_only(data_dir, tmp_path, monke
     real = trainer_mod.forward_backward
 
     def spy(*a, **kw):
-        seen.append(torch.are_deterministic_algorithms_enabled())
+        seen.append(torch.are_deterministic_algorithms_enabled() and not
+                    torch.is_deterministic_algorithms_warn_only_enabled())  # strict: no warn-only fallbacks
         return real(*a, **kw)
 
     monkeypatch.setattr(trainer_mod, "forward_backward", spy)
@@ -187,6 +188,63 @@ def test_deterministic_mode_is_on_during_training_only(data_dir, tmp_path, monke
     seen.clear()
     train(tiny_config(data_dir, str(tmp_path / "nondet"), train={"max_steps": 2}))
     assert seen and not any(seen)
+
+
+def test_deterministic_run_names_an_operation_without_a_deterministic_implementation(data_dir, tmp_path):
+    """Strict mode: a forward that uses an op torch cannot run deterministically (here put_) stops the run
+    with an error that says train.deterministic is why and names the op."""
+    torch.manual_seed(0)
+    model = JambaForCausalLM(JambaConfig.from_name("jamba-tiny", vocab_size=300))
+    model.lm_head.register_forward_hook(lambda m, i, out: out.clone().put_(torch.tensor([0]), out.new_zeros(1)))
+    with pytest.raises(RuntimeError, match="train.deterministic is set, and an operation of this run has no "
+                                           "deterministic implementation in torch: put_ does not have"):
+        train(tiny_config(data_dir, str(tmp_path / "det"), train={"max_steps": 1, "deterministic": True}),
+              model=model)
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+# Run in a fresh process: torch warns once per process about a non-deterministic algorithm, so an earlier
+# test could hide the warning this looks for.
+_TWO_DETERMINISTIC_RUNS = r"""
+import sys, warnings
+import torch
+from safetensors.torch import load_file
+from openjamba.train.trainer import train
+from train_helpers import read_jsonl, tiny_config
+
+data_dir, out = sys.argv[1], sys.argv[2]
+runs = []
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    for name in ("a", "b"):
+        cfg = tiny_config(data_dir, f"{out}/{name}", data={"seq_len": 256, "batch_size": 8},
+                          train={"device": "cuda", "precision": "bf16", "deterministic": True, "max_steps": 4})
+        train(cfg)
+        records = [(r["loss"], r["grad_norm"]) for r in read_jsonl(f"{out}/{name}/metrics.jsonl")
+                   if r["split"] == "train"]
+        runs.append((records, load_file(f"{out}/{name}/checkpoints/step_00000004/model.safetensors")))
+warned = [str(w.message) for w in caught if "non-deterministic" in str(w.message).lower()]
+assert not warned, warned
+(losses_a, weights_a), (losses_b, weights_b) = runs
+assert len(losses_a) == 4 and losses_a == losses_b, (losses_a, losses_b)
+assert weights_a.keys() == weights_b.keys()
+assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+print("identical")
+"""
+
+
+@pytest.mark.gpu
+def test_deterministic_gpu_runs_are_bit_identical(data_dir, tmp_path):
+    """Two train.deterministic runs on the GPU (attention, Mamba and MoE layers, bf16): the same losses and
+    gradient norms and bit-identical weights, and no non-deterministic algorithm ran (torch would warn)."""
+    import subprocess
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    paths = [here, os.path.dirname(os.path.dirname(here)), os.environ.get("PYTHONPATH", "")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
+    proc = subprocess.run([sys.executable, "-c", _TWO_DETERMINISTIC_RUNS, data_dir, str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "identical" in proc.stdout, proc.stderr[-3000:]
 
 
 def test_clipping_folded_into_the_optimizer_matches_clip_grad_norm(data_dir, tmp_path, monkeypatch):
