@@ -13,6 +13,8 @@ on random tokens; steps run back to back and the mean is reported. Variants:
     autocast    fp32 master weights under bf16 autocast (what `openjamba train` uses on GPUs by default)
     compile-autocast  the same with torch.compile per decoder layer
     ac          eager with activation checkpointing
+    deterministic, graph-deterministic   eager / graph under train.deterministic (torch's deterministic
+                algorithms, strict)
     graph, compile-graph   eager / compile with the step's forward + backward + gradient norm replayed as
                 one CUDA graph and the ClippedAdamW update as a second (train.cuda_graph; the first steps
                 run eagerly, then the step is captured)
@@ -47,7 +49,7 @@ from openjamba.train.config import TrainConfig
 from openjamba.train.metrics import H200_BF16_MEASURED, H200_BF16_PEAK, flops_per_token
 from openjamba.train.optim import build_optimizer, optimizer_kind
 from openjamba.train.distributed import DistInfo
-from openjamba.train.trainer import StepRunner, prepare_model
+from openjamba.train.trainer import StepRunner, deterministic_algorithms, prepare_model
 
 BASELINE_TOKENS_PER_S = 79.7e3  # transformers + mamba-ssm kernels, same H200 (anchors)
 VARIANTS = {
@@ -61,10 +63,19 @@ VARIANTS = {
     "autocast-torch-adamw": dict(precision="autocast", fused="true"),
     "compile-graph-torch-swiglu": dict(precision="bf16", compile=True, cuda_graph=True, triton_swiglu=False),
     "ac": dict(precision="bf16", activation_checkpointing=True),
+    "deterministic": dict(precision="bf16", deterministic=True),
+    "graph-deterministic": dict(precision="bf16", cuda_graph=True, deterministic=True),
 }
 
 
 def run_variant(name: str, args, device: torch.device) -> dict:
+    if VARIANTS[name].get("deterministic"):
+        with deterministic_algorithms():
+            return _run_variant(name, args, device)
+    return _run_variant(name, args, device)
+
+
+def _run_variant(name: str, args, device: torch.device) -> dict:
     spec = VARIANTS[name]
     cfg = TrainConfig()
     cfg.train.precision = spec["precision"] if device.type == "cuda" else "fp32"
@@ -134,6 +145,7 @@ def run_variant(name: str, args, device: torch.device) -> dict:
         "variant": name, "precision": cfg.train.precision, "compile": cfg.train.compile,
         "adamw": optimizer_kind(optimizer),
         "activation_checkpointing": cfg.train.activation_checkpointing,
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
         "steps_timed": n, "warmup_s": round(warmup_s, 2), "step_ms": step_s * 1e3, "deferred_check": runner.deferred,
         "tokens_per_s": tps, "loss": last_loss[0],
         "mfu_vs_989": tps * fpt / H200_BF16_PEAK, "mfu_vs_792": tps * fpt / H200_BF16_MEASURED,
@@ -182,7 +194,7 @@ def main(argv=None) -> int:
             print(f"  {name:<9} failed: {r['error']}")
         else:
             mem = f"{r['peak_mem_gb']:.1f} GB" if r["peak_mem_gb"] is not None else "-"
-            print(f"  {name:<9} {r['tokens_per_s'] / 1e3:8.1f}K tokens/s  {r['step_ms']:8.1f} ms/step  "
+            print(f"  {name:<26} {r['tokens_per_s'] / 1e3:8.1f}K tokens/s  {r['step_ms']:8.1f} ms/step  "
                   f"MFU {100 * r['mfu_vs_989']:5.1f}% of 989 / {100 * r['mfu_vs_792']:5.1f}% of 792  "
                   f"{r['vs_transformers_mamba_ssm']:5.2f}x transformers+mamba-ssm  peak {mem}")
             if "profile" in r:

@@ -394,14 +394,21 @@ def train(cfg: TrainConfig, resume: bool = False, model: JambaForCausalLM | None
     """Train as `cfg` says; returns a summary (steps, losses, paths). `model` replaces the built one."""
     if not cfg.train.deterministic:
         return _train(cfg, resume, model)
+    with deterministic_algorithms():
+        return _train(cfg, resume, model)
+
+
+@contextlib.contextmanager
+def deterministic_algorithms():
+    """torch's deterministic algorithms, strict, for the block (train.deterministic); the previous setting
+    after it (it is process-global). Strict, not warn-only: in warn-only mode torch keeps (and warns about)
+    non-deterministic algorithms, attention's backward among them; strict mode takes SDPA's deterministic
+    backward paths and makes an op that has none an error, which names it."""
     prev = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's condition for reproducibility
-    # Strict, not warn-only: in warn-only mode torch keeps (and warns about) non-deterministic algorithms,
-    # attention's backward among them; strict mode takes SDPA's deterministic backward paths and makes an
-    # op that has none an error.
     torch.use_deterministic_algorithms(True)
     try:
-        return _train(cfg, resume, model)
+        yield
     except RuntimeError as e:
         if "does not have a deterministic implementation" in str(e):
             raise RuntimeError(f"train.deterministic is set, and an operation of this run has no deterministic "
