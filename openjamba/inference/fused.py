@@ -35,8 +35,8 @@ import torch
 ROW_BLOCK = 64
 # The largest batch: mamba_ssm puts the rows on the CUDA grid's second axis (at most 65535 programs).
 MAX_BATCH = 65535
-# step="auto" takes the fused step up to this many rows at any context: on an H200 it measured faster than
-# the static step at every batch up to 256 (jamba-1b, a pure Mamba and a pure Transformer model at 1K of
+# step="auto" takes the fused step up to this many rows at any context: on an H200 it measured faster than the
+# static step at every batch measured up to 256 (jamba-1b, a pure Mamba and a pure Transformer model at 1K of
 # context, where the step is closest to compute-bound; benchmarks/KERNEL_NOTES.md, version 10). Above it, not
 # measured, auto takes the fused step only where the attention cache a step reads outweighs the weights (see
 # fused_preferred): there the cache reads, not the matmuls, set the time.
