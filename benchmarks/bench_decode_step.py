@@ -2,6 +2,7 @@
 
     python benchmarks/bench_decode_step.py                  # jamba-1b, bf16, batches 1 and 16, context 1024
     python benchmarks/bench_decode_step.py --sweep          # also sweep the fused kernels' tiles at batch 1
+    python benchmarks/bench_decode_step.py --sweep-rows 128,256   # sweep the tensor-core tiles at these batches
 
 For each batch: the graph-replayed milliseconds per token of the fused, static and compiled steps
 (measured one after another on the same model and cache size; the Generator's step with its greedy
@@ -9,7 +10,8 @@ pick), the fused step's graph alone with and without programmatic dependent laun
 torch.profiler pass over the fused step launched eagerly (kernels per token, GPU time per kernel).
 --sweep times the fused step with each candidate tile configuration of one kernel family at a time
 (coordinate descent from the defaults in inference/fused.py) and reports the best; the defaults there
-come from such sweeps.
+come from such sweeps. --sweep-rows does the same for the tensor-core tiles at large batches, from
+default_tiles(batch) (fused.WIDE_TILES come from such a sweep), with the static step's time beside it.
 Writes benchmarks/results/decode_step_profile.json (or --out). Needs CUDA.
 """
 
@@ -38,6 +40,20 @@ GEMV_CANDIDATES = {
                dict(BF=16, BK=512, warps=4)],
     "norm_linear": [dict(BN=8, BK=1024, warps=4), dict(BN=16, BK=1024, warps=8), dict(BN=4, BK=1024, warps=4)],
     "mamba_ssm": [dict(BD=16, warps=4), dict(BD=32, warps=4), dict(BD=16, warps=2), dict(BD=8, warps=2)],
+}
+# candidate tensor-core tiles per kernel family for batches past one row block; the first of each is the
+# dot column of fused.TILES
+DOT_CANDIDATES = {
+    "down": [dict(BH=16, BF=512, warps=4), dict(BH=64, BF=128, warps=4), dict(BH=64, BF=128, warps=8),
+             dict(BH=128, BF=64, warps=8), dict(BH=32, BF=256, warps=4), dict(BH=128, BF=128, warps=8)],
+    "down_moe": [dict(BH=16, BF=512, warps=4), dict(BH=64, BF=128, warps=4), dict(BH=64, BF=128, warps=8),
+                 dict(BH=128, BF=64, warps=8), dict(BH=32, BF=256, warps=4)],
+    "ffn_up": [dict(BF=64, BK=128, warps=4), dict(BF=128, BK=64, warps=8), dict(BF=64, BK=64, warps=8),
+               dict(BF=32, BK=128, warps=4), dict(BF=128, BK=128, warps=8)],
+    "norm_linear": [dict(BN=64, BK=128, warps=4), dict(BN=128, BK=64, warps=8), dict(BN=64, BK=64, warps=8),
+                    dict(BN=128, BK=128, warps=8)],
+    "mamba_in": [dict(BD=32, BK=128, warps=4), dict(BD=64, BK=128, warps=4), dict(BD=64, BK=64, warps=8),
+                 dict(BD=128, BK=64, warps=8)],
 }
 
 
@@ -99,6 +115,29 @@ def sweep(model, context: int) -> dict:
     return dict(best=best, ms=fused_graph_ms(model, 1, context, best), log=log)
 
 
+def sweep_rows(model, batch: int, context: int) -> dict:
+    """Coordinate descent over DOT_CANDIDATES at one batch, from default_tiles(batch); a candidate that does
+    not fit the device (shared memory) is logged as such."""
+    from triton.runtime.errors import OutOfResources
+
+    best, log = {}, []
+    for family, candidates in DOT_CANDIDATES.items():
+        times = []
+        for c in candidates:
+            try:
+                times.append(fused_graph_ms(model, batch, context, dict(best, **{family: c}), reps=30))
+            except OutOfResources as e:
+                times.append(float("inf"))
+                log.append(dict(family=family, tiles=c, error=str(e)[:200]))
+                continue
+            log.append(dict(family=family, tiles=c, ms=times[-1]))
+        i = min(range(len(times)), key=times.__getitem__)
+        best[family] = candidates[i]
+        print(f"  batch {batch} {family}: best {candidates[i]} {times[i]:.4f} ms", flush=True)
+    return dict(best=best, ms=fused_graph_ms(model, batch, context, best, reps=30),
+                static_ms=graph_ms(model, batch, "static", context, reps=30), log=log)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="jamba-1b")
@@ -106,6 +145,8 @@ def main(argv=None) -> int:
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--steps", default="fused,static,compiled", help="Generator step kinds to time")
     p.add_argument("--sweep", action="store_true", help="also sweep the fused kernels' GEMV tiles (batch 1)")
+    p.add_argument("--sweep-rows", default="", metavar="BATCHES",
+                   help="comma-separated batches at which to sweep the tensor-core tiles (e.g. 128,256)")
     p.add_argument("--out", default="benchmarks/results/decode_step_profile.json")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -123,6 +164,8 @@ def main(argv=None) -> int:
             print(f"batch {batch:3d} fused graph alone, PDL {'on ' if pdl else 'off'} {ms:.4f} ms/token", flush=True)
     if args.sweep:
         record["sweep_b1"] = sweep(model, args.context)
+    for batch in (int(b) for b in args.sweep_rows.split(",") if b):
+        record[f"sweep_b{batch}"] = sweep_rows(model, batch, args.context)
     with open(args.out, "w") as f:
         json.dump(record, f, indent=1)
     print(f"wrote {args.out}")
