@@ -10,8 +10,8 @@ pick), the fused step's graph alone with and without programmatic dependent laun
 torch.profiler pass over the fused step launched eagerly (kernels per token, GPU time per kernel).
 --sweep times the fused step with each candidate tile configuration of one kernel family at a time
 (coordinate descent from the defaults in inference/fused.py) and reports the best; the defaults there
-come from such sweeps. --sweep-rows does the same for the tensor-core tiles at large batches, from
-default_tiles(batch) (fused.WIDE_TILES come from such a sweep), with the static step's time beside it.
+come from such sweeps. --sweep-rows does the same for the tensor-core tiles at large batches
+(fused.WIDE_TILES come from such a sweep). Each sweep also times the static step at its batch.
 Writes benchmarks/results/decode_step_profile.json (or --out). Needs CUDA.
 """
 
@@ -104,38 +104,27 @@ def fused_kernels(model, batch: int, context: int, top: int = 12) -> dict:
     return profile_kernels(greedy, top, repeats=4)
 
 
-def sweep(model, context: int) -> dict:
-    best, log = {}, []
-    for family, candidates in GEMV_CANDIDATES.items():
-        times = [fused_graph_ms(model, 1, context, dict(best, **{family: c})) for c in candidates]
-        i = min(range(len(times)), key=times.__getitem__)
-        best[family] = candidates[i]
-        log += [dict(family=family, tiles=c, ms=t) for c, t in zip(candidates, times)]
-        print(f"  {family}: best {candidates[i]} {times[i]:.4f} ms", flush=True)
-    return dict(best=best, ms=fused_graph_ms(model, 1, context, best), log=log)
-
-
-def sweep_rows(model, batch: int, context: int) -> dict:
-    """Coordinate descent over DOT_CANDIDATES at one batch, from default_tiles(batch); a candidate that does
-    not fit the device (shared memory) is logged as such."""
+def sweep(model, batch: int, context: int, candidates: dict, reps: int = 60) -> dict:
+    """Coordinate descent over `candidates` (one kernel family at a time, each keeping the best of the ones
+    before) from default_tiles(batch), with the static step's time beside it; a candidate that does not fit
+    the device (shared memory) is logged as such."""
     from triton.runtime.errors import OutOfResources
 
     best, log = {}, []
-    for family, candidates in DOT_CANDIDATES.items():
+    for family, cands in candidates.items():
         times = []
-        for c in candidates:
+        for c in cands:
             try:
-                times.append(fused_graph_ms(model, batch, context, dict(best, **{family: c}), reps=30))
+                times.append(fused_graph_ms(model, batch, context, dict(best, **{family: c}), reps=reps))
+                log.append(dict(family=family, tiles=c, ms=times[-1]))
             except OutOfResources as e:
                 times.append(float("inf"))
                 log.append(dict(family=family, tiles=c, error=str(e)[:200]))
-                continue
-            log.append(dict(family=family, tiles=c, ms=times[-1]))
         i = min(range(len(times)), key=times.__getitem__)
-        best[family] = candidates[i]
-        print(f"  batch {batch} {family}: best {candidates[i]} {times[i]:.4f} ms", flush=True)
-    return dict(best=best, ms=fused_graph_ms(model, batch, context, best, reps=30),
-                static_ms=graph_ms(model, batch, "static", context, reps=30), log=log)
+        best[family] = cands[i]
+        print(f"  batch {batch} {family}: best {cands[i]} {times[i]:.4f} ms", flush=True)
+    return dict(best=best, ms=fused_graph_ms(model, batch, context, best, reps=reps),
+                static_ms=graph_ms(model, batch, "static", context, reps=reps), log=log)
 
 
 def main(argv=None) -> int:
@@ -163,9 +152,9 @@ def main(argv=None) -> int:
             record[f"fused_graph_pdl_{pdl}_b{batch}_ms"] = ms = fused_graph_ms(model, batch, args.context, pdl=pdl)
             print(f"batch {batch:3d} fused graph alone, PDL {'on ' if pdl else 'off'} {ms:.4f} ms/token", flush=True)
     if args.sweep:
-        record["sweep_b1"] = sweep(model, args.context)
+        record["sweep_b1"] = sweep(model, 1, args.context, GEMV_CANDIDATES)
     for batch in (int(b) for b in args.sweep_rows.split(",") if b):
-        record[f"sweep_b{batch}"] = sweep_rows(model, batch, args.context)
+        record[f"sweep_b{batch}"] = sweep(model, batch, args.context, DOT_CANDIDATES, reps=30)
     with open(args.out, "w") as f:
         json.dump(record, f, indent=1)
     print(f"wrote {args.out}")
