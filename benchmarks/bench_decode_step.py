@@ -3,6 +3,8 @@
     python benchmarks/bench_decode_step.py                  # jamba-1b, bf16, batches 1 and 16, context 1024
     python benchmarks/bench_decode_step.py --sweep          # also sweep the fused kernels' tiles at batch 1
     python benchmarks/bench_decode_step.py --sweep-rows 128,256   # sweep the tensor-core tiles at these batches
+    python benchmarks/bench_decode_step.py --batches 384,512 --steps fused,static --no-profile --variant mamba
+                                                            # step kinds only, the pure Mamba model of the same size
 
 For each batch: the graph-replayed milliseconds per token of the fused, static and compiled steps
 (measured one after another on the same model and cache size; the Generator's step with its greedy
@@ -18,12 +20,13 @@ Writes benchmarks/results/decode_step_profile.json (or --out). Needs CUDA.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import time
 
 import torch
 
-from openjamba.bench.common import build_model, machine, profile_kernels
+from openjamba.bench.common import VARIANTS, build_model, machine, profile_kernels, variant_configs
 from openjamba.config import JambaConfig
 from openjamba.inference import FusedDecodeStep, Generator
 from openjamba.inference.engine import capture_step
@@ -76,7 +79,10 @@ def _ms_per_call(fn, reps: int) -> float:
 
 def graph_ms(model, batch: int, step: str, context: int, reps: int = 100) -> float:
     """Graph-replayed ms per token of one Generator step kind at a synthetic context."""
-    gen = Generator(model, batch, 2 * context, mode="graph", step=step)
+    gc.collect()  # the previous call's Generator (graph, cache) is freed before the memory plan reads free memory
+    torch.cuda.empty_cache()
+    # no prefill runs: a small prefill chunk keeps the plan to the cache and the step at large batches
+    gen = Generator(model, batch, 2 * context, mode="graph", step=step, chunk_size=64)
     _at_context(gen.cache, context)
     tok = torch.zeros(batch, dtype=torch.long, device=model.device)
     return _ms_per_call(lambda: tok.copy_(gen.decode_one_token(tok).argmax(-1)), reps)  # greedy, as decoding
@@ -130,24 +136,33 @@ def sweep(model, batch: int, context: int, candidates: dict, reps: int = 60) -> 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="jamba-1b")
+    p.add_argument("--variant", default="jamba", choices=VARIANTS,
+                   help="the preset's layout, or the pure Transformer / pure Mamba model of its active size")
     p.add_argument("--batches", default="1,16")
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--steps", default="fused,static,compiled", help="Generator step kinds to time")
     p.add_argument("--sweep", action="store_true", help="also sweep the fused kernels' GEMV tiles (batch 1)")
     p.add_argument("--sweep-rows", default="", metavar="BATCHES",
                    help="comma-separated batches at which to sweep the tensor-core tiles (e.g. 128,256)")
+    p.add_argument("--no-profile", action="store_true",
+                   help="only the step kinds through the Generator (no profiler pass, no graph-alone PDL on/off)")
     p.add_argument("--out", default="benchmarks/results/decode_step_profile.json")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_decode_step needs a CUDA GPU (graph replays and the profiler's CUDA kernels)")
-    model = build_model(JambaConfig.from_name(args.preset), "cuda", torch.bfloat16)
+    config = variant_configs(JambaConfig.from_name(args.preset), [args.variant])[args.variant]
+    model = build_model(config, "cuda", torch.bfloat16)
     record = dict(benchmark="decode step: graph-replayed ms per token by step kind, and the fused step's kernels",
-                  preset=args.preset, context=args.context, dtype="bfloat16", machine=machine())
+                  preset=args.preset, variant=args.variant, context=args.context,
+                  cache_positions=2 * args.context, dtype="bfloat16",
+                  machine=machine())
     for batch in (int(b) for b in args.batches.split(",")):
-        record[f"fused_b{batch}"] = fused_kernels(model, batch, args.context)
         for step in args.steps.split(","):
             record[f"graph_{step}_b{batch}_ms"] = ms = graph_ms(model, batch, step, args.context)
-            print(f"batch {batch:3d} {step:<9} {ms:.3f} ms/token", flush=True)
+            print(f"{args.variant} context {args.context} batch {batch:3d} {step:<9} {ms:.3f} ms/token", flush=True)
+        if args.no_profile:
+            continue
+        record[f"fused_b{batch}"] = fused_kernels(model, batch, args.context)
         for pdl in (True, False):
             record[f"fused_graph_pdl_{pdl}_b{batch}_ms"] = ms = fused_graph_ms(model, batch, args.context, pdl=pdl)
             print(f"batch {batch:3d} fused graph alone, PDL {'on ' if pdl else 'off'} {ms:.4f} ms/token", flush=True)

@@ -18,7 +18,7 @@ Steps (what "static" and "graph" run; `step=`):
   "fused"    - fused.py's FusedDecodeStep: Triton kernels that fold the norms, routing and gates into the
                matmuls, 5 or 6 kernels per Mamba layer (CUDA).
   "auto"     - "fused" where it can run, moe_impl is "auto" and fused.fused_preferred says so (up to 256 rows,
-               or where the attention cache outweighs the weights), else "static".
+               and past them where the attention cache is long enough), else "static".
 The host only enqueues work: sampling is on the device and the EOS test reads back once every
 `check_every` steps.
 """

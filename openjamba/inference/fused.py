@@ -37,10 +37,15 @@ ROW_BLOCK = 64
 MAX_BATCH = 65535
 # step="auto" takes the fused step up to this many rows at any context: on an H200 it measured faster than the
 # static step at every batch measured up to 256 (jamba-1b, a pure Mamba and a pure Transformer model at 1K of
-# context, where the step is closest to compute-bound; benchmarks/KERNEL_NOTES.md, version 10). Above it, not
-# measured, auto takes the fused step only where the attention cache a step reads outweighs the weights (see
-# fused_preferred): there the cache reads, not the matmuls, set the time.
+# context, where the step is closest to compute-bound; benchmarks/KERNEL_NOTES.md, version 10). Past it the
+# static step's cuBLAS matmuls win where the cache is short (the fused step's time grows in proportion to the
+# rows, the static one's less), and the fused step wins where the attention cache is long (it reads only the
+# filled positions, the static step the whole buffer, at a lower rate). Auto takes the fused step there where
+# the attention cache of the whole buffer exceeds AUTO_CACHE_SLOPE x the weights for each AUTO_ROWS rows past
+# AUTO_ROWS: fitted to jamba-1b on an H200 at 384-768 rows (version 11), where it picks the faster step at every
+# one of the 14 points measured.
 AUTO_ROWS = 256
+AUTO_CACHE_SLOPE = 3.3
 
 # Batches up to this run the matmuls as GEMVs in registers, larger ones as tensor-core dots. One row: on the
 # H200 the GEMV form with a 4-row tile gave fp32 errors of ~1e-3 against the static step (jamba-tiny and
@@ -125,15 +130,17 @@ def fused_unavailable(model, batch_size: int) -> str | None:
 
 def fused_preferred(config, batch_size: int, max_length: int, nbytes: int) -> str | None:
     """None where step="auto" takes the fused step for this batch and cache, else why the static one: up to
-    AUTO_ROWS rows always; above, only where the step's attention cache outweighs all the weights."""
+    AUTO_ROWS rows always; above, only where the attention cache of max_length positions exceeds
+    AUTO_CACHE_SLOPE x the weights for each AUTO_ROWS rows past AUTO_ROWS."""
     if batch_size <= AUTO_ROWS:
         return None
     kv, weights = config.kv_cache_bytes(max_length, batch_size, nbytes), config.param_counts()["total"] * nbytes
-    if kv > weights:
+    need = AUTO_CACHE_SLOPE * weights * (batch_size - AUTO_ROWS) / AUTO_ROWS
+    if kv > need:
         return None
-    return (f"batch {batch_size} is above {AUTO_ROWS} rows and its attention cache ({kv / 2**30:.1f} GiB) is smaller "
-            f"than the weights ({weights / 2**30:.1f} GiB): the step is closer to compute-bound, where the fused "
-            f"step is not measured against cuBLAS")
+    return (f"batch {batch_size} is above {AUTO_ROWS} rows and its attention cache ({kv / 2**30:.1f} GiB) is not "
+            f"above {need / 2**30:.1f} GiB ({AUTO_CACHE_SLOPE} x the weights' {weights / 2**30:.1f} GiB per "
+            f"{AUTO_ROWS} rows past {AUTO_ROWS}): there the static step's matmuls measured faster")
 
 
 def _pow2(n: int, lo: int = 16) -> int:

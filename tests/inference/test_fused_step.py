@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from openjamba import JambaConfig, JambaForCausalLM
+from openjamba.bench.common import variant_configs
 from openjamba.inference import FusedDecodeStep, Generator, generate
 from openjamba.inference import fused
 from openjamba.inference.fused import GEMV_MAX_ROWS
@@ -97,7 +98,8 @@ def test_default_tiles_by_batch():
 def test_auto_takes_the_fused_step_for_large_batches_only_where_the_cache_dominates():
     """step="auto": fused up to AUTO_ROWS rows at any context (H200: faster than static at every batch up to
     256, the closest jamba-1b at 1K context: 4.02 vs 4.57 ms); above it, fused only where the attention cache
-    a step reads outweighs the weights (not for a model without attention)."""
+    is long enough for its batch (never for a model without attention). The rule picks the faster step at
+    each point measured on an H200 for jamba-1b (benchmarks/results/auto_rule/, cache of 2x the context)."""
     cfg = JambaConfig.from_name("jamba-1b")
     mamba = JambaConfig.from_name("jamba-1b", attn_layer_period=17, attn_layer_offset=16)
     assert fused.AUTO_ROWS == 256
@@ -105,6 +107,17 @@ def test_auto_takes_the_fused_step_for_large_batches_only_where_the_cache_domina
     assert fused.fused_preferred(mamba, 256, 1 << 20, 2) is None
     assert fused.fused_preferred(cfg, 512, 32768, 2) is None
     assert "batch 512 is above 256 rows" in fused.fused_preferred(cfg, 512, 1100, 2)
+    # (batch, cache positions): the faster step measured
+    measured = {(384, 2048): "static", (384, 4096): "fused", (384, 8192): "fused", (384, 16384): "fused",
+                (512, 2048): "static", (512, 4096): "static", (512, 8192): "fused", (512, 16384): "fused",
+                (768, 2048): "static", (768, 16384): "fused"}
+    for (batch, length), faster in measured.items():
+        assert (fused.fused_preferred(cfg, batch, length, 2) is None) == (faster == "fused"), (batch, length)
+    for batch in (384, 512):
+        assert fused.fused_preferred(mamba, batch, 2048, 2) is not None  # measured: static 26% / 39% faster
+    transformer = variant_configs(cfg, ["transformer"])["transformer"]
+    for batch in (384, 512):
+        assert fused.fused_preferred(transformer, batch, 2048, 2) is None  # measured: fused 2.4x faster
     assert "attention cache (0.0 GiB)" in fused.fused_preferred(mamba, 512, 1 << 20, 2)
 
 

@@ -223,7 +223,9 @@ with warnings.catch_warnings(record=True) as caught:
         records = [(r["loss"], r["grad_norm"]) for r in read_jsonl(f"{out}/{name}/metrics.jsonl")
                    if r["split"] == "train"]
         runs.append((records, load_file(f"{out}/{name}/checkpoints/step_00000004/model.safetensors")))
-warned = [str(w.message) for w in caught if "non-deterministic" in str(w.message).lower()]
+# torch's warn-only messages: "... defaults to a non-deterministic algorithm" (attention's backward) and
+# "... does not have a deterministic implementation" (other ops)
+warned = [str(w.message) for w in caught if "deterministic" in str(w.message).lower()]
 assert not warned, warned
 (losses_a, weights_a), (losses_b, weights_b) = runs
 assert len(losses_a) == 4 and losses_a == losses_b, (losses_a, losses_b)
@@ -236,7 +238,9 @@ print("identical")
 @pytest.mark.gpu
 def test_deterministic_gpu_runs_are_bit_identical(data_dir, tmp_path):
     """Two train.deterministic runs on the GPU (attention, Mamba and MoE layers, bf16): the same losses and
-    gradient norms and bit-identical weights, and no non-deterministic algorithm ran (torch would warn)."""
+    gradient norms and bit-identical weights, and no non-deterministic algorithm ran (torch would warn). At
+    this size two runs also agree bit for bit in warn-only mode, where cuDNN attention's non-deterministic
+    backward runs: the warning check is what fails then."""
     import subprocess
 
     here = os.path.dirname(os.path.abspath(__file__))
