@@ -401,11 +401,14 @@ def train(cfg: TrainConfig, resume: bool = False, model: JambaForCausalLM | None
 @contextlib.contextmanager
 def deterministic_algorithms():
     """torch's deterministic algorithms, strict, for the block (train.deterministic); the previous setting
-    after it (it is process-global). Strict, not warn-only: in warn-only mode torch keeps (and warns about)
-    non-deterministic algorithms, attention's backward among them; strict mode takes SDPA's deterministic
-    backward paths and makes an op that has none an error, which names it."""
+    after it (it is process-global), and CUBLAS_WORKSPACE_CONFIG set for the block where it was not set.
+    Strict, not warn-only: in warn-only mode torch keeps (and warns about) non-deterministic algorithms,
+    attention's backward among them; strict mode takes SDPA's deterministic backward paths and makes an op
+    that has none an error, which names it."""
     prev = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's condition for reproducibility
+    workspace = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    if workspace is None:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"  # cuBLAS's condition for reproducibility
     torch.use_deterministic_algorithms(True)
     try:
         yield
@@ -416,6 +419,8 @@ def deterministic_algorithms():
         raise
     finally:
         torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
+        if workspace is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
 def _train(cfg: TrainConfig, resume: bool, model: JambaForCausalLM | None) -> dict:

@@ -169,8 +169,8 @@ def test_training_on_gpu(data_dir, tmp_path, precision):
 
 
 def test_deterministic_mode_is_on_during_training_only(data_dir, tmp_path, monkeypatch):
-    """train.deterministic switches torch's deterministic algorithms on (strict) for the run and restores the
-    previous setting afterwards (it is process-global)."""
+    """train.deterministic switches torch's deterministic algorithms on (strict) for the run, with cuBLAS's
+    workspace setting, and restores the previous settings afterwards (they are process-global)."""
     import openjamba.train.trainer as trainer_mod
 
     seen = []
@@ -178,13 +178,16 @@ def test_deterministic_mode_is_on_during_training_only(data_dir, tmp_path, monke
 
     def spy(*a, **kw):
         seen.append(torch.are_deterministic_algorithms_enabled() and not
-                    torch.is_deterministic_algorithms_warn_only_enabled())  # strict: no warn-only fallbacks
+                    torch.is_deterministic_algorithms_warn_only_enabled()  # strict: no warn-only fallbacks
+                    and os.environ.get("CUBLAS_WORKSPACE_CONFIG") == ":4096:8")
         return real(*a, **kw)
 
     monkeypatch.setattr(trainer_mod, "forward_backward", spy)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     assert not torch.are_deterministic_algorithms_enabled()
     train(tiny_config(data_dir, str(tmp_path / "det"), train={"max_steps": 2, "deterministic": True}))
     assert seen and all(seen) and not torch.are_deterministic_algorithms_enabled()
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
     seen.clear()
     train(tiny_config(data_dir, str(tmp_path / "nondet"), train={"max_steps": 2}))
     assert seen and not any(seen)
