@@ -31,7 +31,7 @@ from collections.abc import Sequence
 import torch
 
 from .. import ops
-from .planner import MemoryPlan, device_budget, plan_memory
+from .planner import DEFAULT_CHUNK, MemoryPlan, device_budget, plan_memory
 from ..generation import EOS_CHECK_EVERY, check_generate_args
 from .sampling import SamplingParams, sample
 from .fused import FusedDecodeStep, fused_preferred, fused_unavailable
@@ -41,7 +41,6 @@ logger = logging.getLogger("openjamba.inference")
 
 MODES = ("auto", "eager", "static", "graph")
 STEPS = ("auto", "static", "compiled", "fused")
-DEFAULT_CHUNK = 8192
 _compiled_step = None
 
 
@@ -76,7 +75,7 @@ class Generator:
     """Owns one HybridCache and the decode step for a fixed (batch_size, max_length)."""
 
     def __init__(self, model, batch_size: int, max_length: int, mode: str = "auto", moe_impl: str = "auto",
-                 chunk_size: int = DEFAULT_CHUNK, budget: int | None = None, check_memory: bool = True,
+                 chunk_size: int | None = None, budget: int | None = None, check_memory: bool = True,
                  step: str = "auto"):
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
@@ -90,7 +89,7 @@ class Generator:
                                "use mode 'static' or 'eager'")
         if step not in ("auto", "static") and mode == "eager":
             raise ValueError(f"step {step!r} replaces the static step: use mode 'static' or 'graph'")
-        self.mode, self.batch_size, self.max_length, self.chunk_size = mode, batch_size, max_length, chunk_size
+        self.mode, self.batch_size, self.max_length = mode, batch_size, max_length
         # The weights are already resident, so the budget is what the device has free now.
         if budget is None and self.device.type == "cuda":
             budget = device_budget(self.device)
@@ -98,6 +97,11 @@ class Generator:
                                             budget, weights_resident=False)
         if check_memory:
             self.plan.check()
+        # prefill tokens per row and chunk: as given, else the largest the plan found to fit
+        self.chunk_size = chunk_size if chunk_size is not None else self.plan.detail["chunk_size"]
+        if chunk_size is None and self.chunk_size < min(DEFAULT_CHUNK, max_length):
+            logger.info("Generator: prefill chunk %d tokens per row (%d does not fit at batch %d)", self.chunk_size,
+                        min(DEFAULT_CHUNK, max_length), batch_size)
         self.cache = model.new_cache(batch_size, max_length)
         self.step = self._choose_step(step, moe_impl) if mode != "eager" else "eager"
         if self.step == "fused":
@@ -243,13 +247,13 @@ class Generator:
 _REUSE_ATTR = "_openjamba_fast_generator"
 
 
-def _generator_for(model, B: int, need: int, mode: str, moe_impl: str, chunk_size: int, budget,
+def _generator_for(model, B: int, need: int, mode: str, moe_impl: str, chunk_size: int | None, budget,
                    step: str = "auto") -> Generator:
     """A Generator for (B, >= need positions), reused across calls while shapes and weights allow: capturing
     a graph costs a few steps, so back-to-back generate() calls should not pay it every time. Capacity is
     rounded up to a multiple of 256 so prompts of nearby lengths share one."""
     cap = -(-need // 256) * 256
-    key = (B, mode, moe_impl, step, model.lm_head.weight.data_ptr(), model.dtype, str(model.device))
+    key = (B, mode, moe_impl, step, chunk_size, model.lm_head.weight.data_ptr(), model.dtype, str(model.device))
     old = getattr(model, _REUSE_ATTR, None)
     if old is not None and old[0] == key and old[1].max_length >= need and old[1].max_length <= 2 * cap:
         old[1].reset()
@@ -265,13 +269,14 @@ def _generator_for(model, B: int, need: int, mode: str, moe_impl: str, chunk_siz
 def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, eos_token_id: int | Sequence[int] | None = None,
              seed: int | Sequence[int] | None = None, pad_token_id: int | None = None, *, mode: str = "auto",
-             moe_impl: str = "auto", chunk_size: int = DEFAULT_CHUNK, budget: int | None = None,
+             moe_impl: str = "auto", chunk_size: int | None = None, budget: int | None = None,
              check_every: int | None = None, step: str = "auto") -> torch.Tensor:
     """Same arguments and result as openjamba.generation.generate, on the fast path.
 
     Returns (B, T + n): the prompt as given, then n <= max_new_tokens new tokens (n < max_new_tokens only
     when every row produced an EOS). Keyword-only extras: mode ("auto" = CUDA graph on CUDA, eager
-    elsewhere), moe_impl, chunk_size (prefill), budget (bytes; default the device's free memory),
+    elsewhere), moe_impl, chunk_size (prefill tokens per row and chunk; default the largest up to 8192 that
+    fits), budget (bytes; default the device's free memory),
     check_every (steps between EOS read-backs; default 16 on CUDA, 1 elsewhere), step (the decode step:
     "auto", "static", "compiled" or "fused"; see the module docstring).
     """

@@ -4,7 +4,9 @@
 
 - weights: every parameter (all experts are resident).
 - KV cache and Mamba state: exactly what HybridCache allocates (plus its key mask).
-- prefill peak: one chunk of `chunk_size` tokens per row through the most memory-hungry layer. Layers run
+- prefill peak: one chunk of `chunk_size` tokens per row through the most memory-hungry layer. Left unset,
+  the chunk is the largest power of two from DEFAULT_CHUNK down to MIN_CHUNK whose plan fits the budget
+  (large batches prefill in shorter chunks instead of being refused). Layers run
   one after another under inference mode, so only one layer's temporaries are alive at a time. The terms
   are upper-bound estimates of the PyTorch reference paths (the fused kernels need less); the memory
   benchmark prints them next to torch.cuda.max_memory_allocated.
@@ -28,6 +30,8 @@ def format_bytes(n: float) -> str:
 
 
 RESERVE_FIXED = 512 * 2 ** 20
+DEFAULT_CHUNK = 8192  # prefill tokens per row and chunk, where it fits
+MIN_CHUNK = 64
 RESERVE_FRACTION = 0.05
 
 
@@ -69,8 +73,11 @@ class MemoryPlan:
     def check(self) -> "MemoryPlan":
         """Raise DoesNotFit (with the numbers) when the plan exceeds the budget; else return self."""
         if not self.fits:
+            fix = ("Reduce batch or context (the prefill chunk is already the smallest tried), or use a smaller "
+                   "dtype." if self.detail.get("chunk_auto") else
+                   "Reduce batch, context or chunk size, or use a smaller dtype.")
             raise DoesNotFit(f"does not fit: {self.describe()}; over by {format_bytes(self.total - self.budget)}. "
-                             "Reduce batch, context or chunk size, or use a smaller dtype.")
+                             + fix)
         return self
 
 
@@ -86,14 +93,25 @@ def device_budget(device) -> int | None:
         return None
 
 
-def plan_memory(config, dtype=torch.bfloat16, batch: int = 1, context: int = 2048, chunk_size: int = 8192,
+def plan_memory(config, dtype=torch.bfloat16, batch: int = 1, context: int = 2048, chunk_size: int | None = None,
                 budget: int | None = None, padded: bool = False, weights_resident: bool = True) -> MemoryPlan:
     """Estimate the bytes to prefill `context` tokens per row in chunks and decode up to it.
 
-    budget: bytes available (None = unknown, the plan always 'fits'). padded: a left-padded batch makes the
-    chunked prefill materialise a (batch, chunk, context) mask. weights_resident: count the weights (False
-    when they are already loaded and the budget is what is left).
+    chunk_size: prefill tokens per row and chunk; None takes the largest power of two from DEFAULT_CHUNK
+    down to MIN_CHUNK whose plan fits `budget` (the plan's detail["chunk_size"] says which; where none fits,
+    the plan at MIN_CHUNK, which does not fit). budget: bytes available (None = unknown, the plan always
+    'fits'). padded: a left-padded batch makes the chunked prefill materialise a (batch, chunk, context)
+    mask. weights_resident: count the weights (False when they are already loaded and the budget is what
+    is left).
     """
+    if chunk_size is None:
+        chunk = DEFAULT_CHUNK
+        while True:
+            plan = plan_memory(config, dtype, batch, context, chunk, budget, padded, weights_resident)
+            if plan.fits or chunk <= MIN_CHUNK:
+                plan.detail["chunk_auto"] = True
+                return plan
+            chunk //= 2
     if batch <= 0 or context <= 0 or chunk_size <= 0:
         raise ValueError(f"batch, context and chunk_size must be positive, got {batch}, {context}, {chunk_size}")
     nb = torch.empty((), dtype=dtype).element_size()
@@ -137,9 +155,10 @@ def plan_memory(config, dtype=torch.bfloat16, batch: int = 1, context: int = 204
     return MemoryPlan(weights, kv, mamba + key_mask, prefill_peak, decode_ws, reserve, budget, detail)
 
 
-def max_batch(config, dtype, context: int, budget: int, chunk_size: int = 8192, cap: int = 1024,
+def max_batch(config, dtype, context: int, budget: int, chunk_size: int | None = None, cap: int = 1024,
               weights_resident: bool = True) -> int:
-    """The largest batch (<= cap) whose plan fits `budget`; 0 when even batch 1 does not."""
+    """The largest batch (<= cap) whose plan fits `budget` (with its own prefill chunk where chunk_size is
+    None); 0 when even batch 1 does not."""
     lo, hi = 0, cap
     while lo < hi:  # bisection: the plan grows monotonically with batch
         mid = (lo + hi + 1) // 2
@@ -150,7 +169,7 @@ def max_batch(config, dtype, context: int, budget: int, chunk_size: int = 8192, 
     return lo
 
 
-def check_fits(config, dtype=torch.bfloat16, batch: int = 1, context: int = 2048, chunk_size: int = 8192,
+def check_fits(config, dtype=torch.bfloat16, batch: int = 1, context: int = 2048, chunk_size: int | None = None,
                device="cuda", budget: int | None = None) -> MemoryPlan:
     """Before loading anything: does serving (config, dtype, batch, context) fit on `device`? Counts the
     weights too; the budget defaults to the device's free memory now. Raises DoesNotFit with the numbers,

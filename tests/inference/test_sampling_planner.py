@@ -96,3 +96,33 @@ def test_check_fits_counts_weights_before_loading():
     with pytest.raises(DoesNotFit, match="weights 1.47 GiB"):
         check_fits(cfg, torch.bfloat16, 1, 4096, device="cpu", budget=weights)  # nothing left for the rest
     assert check_fits(cfg, torch.bfloat16, 1, 4096, device="cpu", budget=4 * weights).fits
+
+
+def test_the_prefill_chunk_shrinks_to_fit_large_batches():
+    """Left unset, the prefill chunk is the largest power of two up to 8192 tokens per row whose plan fits:
+    jamba-1b at batch 256 x 128K on 139 GiB does not fit with 8192-token chunks (2M tokens of activations
+    per chunk) and does with shorter ones; where nothing fits, the refusal says the chunk was the smallest
+    tried. The Generator prefills in the chunk its plan chose, and the result is one full forward's."""
+    cfg = JambaConfig.from_name("jamba-1b")
+    budget, weights = 139 * 2 ** 30, cfg.param_counts()["total"] * 2
+    assert not plan_memory(cfg, torch.bfloat16, 256, 131072, 8192, budget=budget).fits
+    plan = plan_memory(cfg, torch.bfloat16, 256, 131072, budget=budget)
+    chunk = plan.detail["chunk_size"]
+    assert plan.fits and 64 <= chunk < 8192
+    assert not plan_memory(cfg, torch.bfloat16, 256, 131072, 2 * chunk, budget=budget).fits  # the largest
+    assert check_fits(cfg, torch.bfloat16, 256, 131072, device="cpu", budget=budget + weights).fits
+    assert max_batch(cfg, torch.bfloat16, 131072, budget) > max_batch(cfg, torch.bfloat16, 131072, budget, 8192)
+    assert plan_memory(cfg, torch.bfloat16, 1, 4096).detail["chunk_size"] == 4096  # no budget: the prompt
+    with pytest.raises(DoesNotFit, match="the prefill chunk is already the smallest tried"):
+        plan_memory(cfg, torch.bfloat16, 1, 4096, budget=weights).check()
+
+    torch.manual_seed(0)
+    model = JambaForCausalLM(JambaConfig.from_name("jamba-tiny")).eval()
+    small = plan_memory(model.config, torch.float32, 3, 512, 128, weights_resident=False).total
+    assert not plan_memory(model.config, torch.float32, 3, 512, 256, budget=small, weights_resident=False).fits
+    gen = Generator(model, 3, 512, mode="static", budget=small)
+    assert gen.chunk_size == 128
+    ids = torch.randint(0, model.config.vocab_size, (3, 300))
+    with torch.no_grad():
+        full = model(ids).logits[:, -1]
+    torch.testing.assert_close(gen.prefill(ids), full, rtol=1e-4, atol=1e-4)
