@@ -4,12 +4,12 @@
 
 - weights: every parameter (all experts are resident).
 - KV cache and Mamba state: exactly what HybridCache allocates (plus its key mask).
-- prefill peak: one chunk of `chunk_size` tokens per row through the most memory-hungry layer. Left unset,
-  the chunk is the largest power of two from DEFAULT_CHUNK down to MIN_CHUNK whose plan fits the budget
-  (large batches prefill in shorter chunks instead of being refused). Layers run
+- prefill peak: one chunk of `chunk_size` tokens per row through the most memory-hungry layer. Layers run
   one after another under inference mode, so only one layer's temporaries are alive at a time. The terms
   are upper-bound estimates of the PyTorch reference paths (the fused kernels need less); the memory
-  benchmark prints them next to torch.cuda.max_memory_allocated.
+  benchmark prints them next to torch.cuda.max_memory_allocated. Left unset, the chunk is the largest
+  power of two from DEFAULT_CHUNK down to MIN_CHUNK whose plan fits the budget: large batches prefill in
+  shorter chunks instead of being refused.
 - decode workspace: attention scores over the whole cache, logits, MoE temporaries of one step.
 - reserve: allocator slack and library workspaces (cuBLAS, CUDA graph pools): a fixed amount plus a fraction.
 """
@@ -30,9 +30,9 @@ def format_bytes(n: float) -> str:
 
 
 RESERVE_FIXED = 512 * 2 ** 20
+RESERVE_FRACTION = 0.05
 DEFAULT_CHUNK = 8192  # prefill tokens per row and chunk, where it fits
 MIN_CHUNK = 64
-RESERVE_FRACTION = 0.05
 
 
 class DoesNotFit(MemoryError):
