@@ -95,6 +95,7 @@ class Generator:
             budget = device_budget(self.device)
         self.plan: MemoryPlan = plan_memory(model.config, self.dtype, batch_size, max_length, chunk_size,
                                             budget, weights_resident=False)
+        self._budget, self._check_memory, self._chunk_given = budget, check_memory, chunk_size is not None
         if check_memory:
             self.plan.check()
         # prefill tokens per row and chunk: as given, else the largest the plan found to fit
@@ -184,6 +185,8 @@ class Generator:
         if B != self.batch_size:
             raise ValueError(f"this Generator was built for batch {self.batch_size}, got {B} prompts")
         self.cache.check_room(T)
+        if attention_mask is not None and not bool(attention_mask.all()):
+            chunk = self._padded_chunk(chunk_size)
         logits = None
         for s in range(0, T, chunk):
             e = min(T, s + chunk)
@@ -191,6 +194,20 @@ class Generator:
             logits = self.model(input_ids[:, s:e], attention_mask=m, cache=self.cache, num_logits_to_keep=1).logits
         self.cache.sync_position()
         return logits[:, -1]
+
+    def _padded_chunk(self, chunk_size: int | None) -> int:
+        """The prefill chunk for a left-padded batch, which materialises a (batch, chunk, context) mask per
+        chunk: planned again with that mask; where the chunk was chosen, the largest that fits it."""
+        given = chunk_size or (self.chunk_size if self._chunk_given else None)
+        plan = plan_memory(self.model.config, self.dtype, self.batch_size, self.max_length, given, self._budget,
+                           padded=True, weights_resident=False)
+        if self._check_memory:
+            plan.check()
+        chunk = given or plan.detail["chunk_size"]
+        if given is None and chunk < self.chunk_size:
+            logger.info("Generator: prefill chunk %d tokens per row for a left-padded batch (its mask does not fit "
+                        "at %d)", chunk, self.chunk_size)
+        return chunk
 
     @torch.inference_mode()
     def decode_one_token(self, token: torch.Tensor) -> torch.Tensor:

@@ -126,3 +126,38 @@ def test_the_prefill_chunk_shrinks_to_fit_large_batches():
     with torch.no_grad():
         full = model(ids).logits[:, -1]
     torch.testing.assert_close(gen.prefill(ids), full, rtol=1e-4, atol=1e-4)
+
+
+def test_a_left_padded_prefill_is_planned_with_its_mask(caplog):
+    """A left-padded batch materialises a (batch, chunk, context) mask per chunk, which the Generator's plan
+    (made before any prompt is seen) leaves out: prefill plans again with it, takes a shorter chunk where
+    the chunk was chosen (same logits as one full forward), and refuses a given chunk that does not fit
+    before running anything."""
+    torch.manual_seed(0)
+    model = JambaForCausalLM(JambaConfig.from_name("jamba-tiny")).eval()
+    cfg = model.config
+
+    def total(chunk, padded):
+        return plan_memory(cfg, torch.float32, 3, 512, chunk, padded=padded, weights_resident=False).total
+
+    budget = total(128, False)
+    assert total(128, True) > budget >= total(64, True)
+    gen = Generator(model, 3, 512, mode="static", budget=budget)
+    assert gen.chunk_size == 128
+    ids = torch.randint(0, cfg.vocab_size, (3, 300))
+    mask = torch.ones_like(ids)
+    mask[0, :7] = 0
+    mask[2, :100] = 0
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask).logits[:, -1]
+    with caplog.at_level("INFO", logger="openjamba.inference"):
+        last = gen.prefill(ids, mask)
+    assert "prefill chunk 64 tokens per row for a left-padded batch" in caplog.text
+    torch.testing.assert_close(last, full, rtol=1e-4, atol=1e-4)
+    gen.reset()
+    with pytest.raises(DoesNotFit, match=r"prefill peak .* \(chunk 128\)"):
+        gen.prefill(ids, mask, chunk_size=128)
+    fixed = Generator(model, 3, 512, mode="static", chunk_size=128, budget=budget)
+    with pytest.raises(DoesNotFit, match="Reduce batch, context or chunk size"):
+        fixed.prefill(ids, mask)
+    assert fixed.cache.length == 0  # refused before any chunk ran
