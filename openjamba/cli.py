@@ -2,7 +2,7 @@
 
     openjamba presets                                       the named configs and their sizes
     openjamba params  --preset jamba-v0.1 | --model DIR     total / active parameters, breakdown, layer schedule
-    openjamba memory  --preset jamba-v0.1 --context 256K [--batch 1] [--dtype bf16] [--compare]
+    openjamba memory  --preset jamba-v0.1 --context 256K [--batch 1] [--dtype bf16] [--compare] [--budget 80G]
     openjamba generate --model DIR --prompt "text" [--max-new-tokens 64 --temperature 0.8 --top-k --top-p --seed]
 
 Training verbs are registered by `openjamba.train.cli.add_commands`. A verb reports a bad argument by
@@ -63,6 +63,20 @@ def _positive_tokens(text: str) -> int:
         return parse_tokens(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _budget(text: str) -> int | str:
+    """'cuda' (the device's free memory when the command runs) or a size in binary units: 80G, 141GiB, 512M."""
+    import re
+
+    if text == "cuda":
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?:([KMGT])(?:i?B)?|B)?\s*", text, flags=re.IGNORECASE)
+    value = float(m.group(1)) * 1024 ** " KMGT".index((m.group(2) or " ").upper()) if m else 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a memory size such as 80G, 141GiB or 512M, or 'cuda', "
+                                         f"got {text!r}")
+    return int(value)
 
 
 def _positive_int(text: str) -> int:
@@ -132,9 +146,36 @@ def cmd_params(args) -> int:
     return 0
 
 
+def _print_plan(config, args) -> bool:
+    """memory --budget: the serving plan (weights, cache, the prefill chunk that fits, decode workspace,
+    reserve) against the budget; whether it fits."""
+    import torch
+
+    from .inference.planner import device_budget, plan_memory
+
+    budget = args.budget
+    if budget == "cuda":
+        budget = device_budget("cuda")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    plan = plan_memory(config, dtype, args.batch, args.context, budget=budget)
+    print()
+    print(f"serving plan against {format_bytes(budget)}: {'fits' if plan.fits else 'does not fit'}")
+    print(f"  {plan.describe()}")
+    if plan.fits:
+        print(f"  prefill in chunks of {plan.detail['chunk_size']} tokens per row")
+    else:
+        print(f"  over by {format_bytes(plan.total - budget)}: reduce batch or context, or use a smaller dtype")
+    return plan.fits
+
+
 def cmd_memory(args) -> int:
     """KV cache, Mamba state and weight memory for a context length; --compare adds the paper's table."""
     config, name = _load_config(args)
+    if args.budget == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError("--budget cuda needs a CUDA device; give a size instead, such as --budget 80G")
     report = memory_report(config, args.context, args.batch, args.dtype)
     nbytes = DTYPE_BYTES[args.dtype]
     n_attn, n_mamba = len(config.attention_layer_ids), len(config.mamba_layer_ids)
@@ -149,6 +190,10 @@ def cmd_memory(args) -> int:
     print(f"  weights      {format_bytes(report['weights']):>10}  = {format_count(total_params)} parameters x "
           f"{nbytes} bytes")
     print(f"  total        {format_bytes(report['total']):>10}  (activations not included)")
+    if args.budget is not None:
+        fits = _print_plan(config, args)
+        if not args.compare:
+            return 0 if fits else 1
     if args.compare:
         print()
         print(f"KV cache at {_tokens(args.context)}, batch {args.batch}, {args.dtype} "
@@ -272,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=_positive_int, default=1, help="sequences (default 1)")
     p.add_argument("--dtype", choices=list(DTYPE_BYTES), default="bf16", help="weights and cache (default bf16)")
     p.add_argument("--compare", action="store_true", help="add the paper's KV-cache table of Transformers")
+    p.add_argument("--budget", type=_budget, metavar="SIZE",
+                   help="also plan serving (weights, cache, prefill chunk, workspaces) against SIZE (80G, 141GiB) "
+                        "or 'cuda' (the device's free memory); exit code 1 when it does not fit")
     p.set_defaults(func=cmd_memory)
 
     p = sub.add_parser("generate", help="stream a continuation of a prompt from a checkpoint")

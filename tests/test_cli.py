@@ -67,6 +67,25 @@ def test_memory_scales_with_batch_dtype_and_large_preset(capsys):
     assert "9.0 GiB" in row(out, "KV")  # the Jamba-1.5 paper's 9 GB for Large
 
 
+def test_memory_budget_plans_serving(capsys):
+    """--budget adds the serving plan (weights, cache, the prefill chunk that fits, workspaces) against a
+    size, exit code 1 where it does not fit."""
+    code, out, _ = run(capsys, "memory", "--preset", "jamba-1b", "--context", "128K", "--batch", "256",
+                       "--budget", "139G")
+    assert code == 0 and "serving plan against 139.0 GiB: fits" in out
+    assert "(chunk 2048)" in out and "prefill in chunks of 2048 tokens per row" in out
+    code, out, _ = run(capsys, "memory", "--preset", "jamba-v0.1", "--context", "256K", "--budget", "80GiB")
+    assert code == 1 and "serving plan against 80.0 GiB: does not fit" in out and "weights 96.06 GiB" in out
+    code, out, _ = run(capsys, "memory", "--preset", "jamba-v0.1", "--context", "256K", "--budget", "0.5T")
+    assert code == 0 and "against 512.0 GiB: fits" in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_memory_budget_cuda_needs_cuda(capsys):
+    code, out, err = run(capsys, "memory", "--preset", "jamba-1b", "--context", "1K", "--budget", "cuda")
+    assert code == 2 and out == "" and "--budget cuda needs a CUDA device" in err
+
+
 def test_memory_helpers():
     assert parse_tokens("262144") == parse_tokens("256K") == parse_tokens("256k") == 262144
     assert parse_tokens("1M") == 1 << 20
@@ -89,6 +108,8 @@ def test_memory_helpers():
     (["memory", "--preset", "jamba-v0.1", "--context", "-1"], "--context"),
     (["memory", "--preset", "jamba-v0.1", "--context", "8", "--batch", "0"], "positive integer"),
     (["memory", "--preset", "jamba-v0.1", "--context", "8", "--dtype", "int4"], "invalid choice"),
+    (["memory", "--preset", "jamba-v0.1", "--context", "8", "--budget", "lots"], "memory size such as 80G"),
+    (["memory", "--preset", "jamba-v0.1", "--context", "8", "--budget", "0G"], "memory size such as 80G"),
     (["generate", "--model", "/no/such/dir", "--prompt", "hi"], "does not exist"),
     (["generate", "--model", "/tmp", "--prompt-ids", "1,x"], "token ids"),
     (["frobnicate"], "invalid choice"),
