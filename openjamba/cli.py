@@ -190,10 +190,7 @@ def cmd_memory(args) -> int:
     print(f"  weights      {format_bytes(report['weights']):>10}  = {format_count(total_params)} parameters x "
           f"{nbytes} bytes")
     print(f"  total        {format_bytes(report['total']):>10}  (activations not included)")
-    if args.budget is not None:
-        fits = _print_plan(config, args)
-        if not args.compare:
-            return 0 if fits else 1
+    fits = _print_plan(config, args) if args.budget is not None else True
     if args.compare:
         print()
         print(f"KV cache at {_tokens(args.context)}, batch {args.batch}, {args.dtype} "
@@ -205,7 +202,7 @@ def cmd_memory(args) -> int:
                     else str(row["layers"]))
             print(f"  {row['name']:<16} {format_count(row['total']):>7} {format_count(row['active']):>7} "
                   f"{attn:>11} {row['kv_heads']:>8} {row['head_dim']:>8} {format_bytes(row['kv_cache']):>11}")
-    return 0
+    return 0 if fits else 1
 
 
 def cmd_generate(args) -> int:

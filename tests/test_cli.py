@@ -76,6 +76,9 @@ def test_memory_budget_plans_serving(capsys):
     assert "(chunk 2048)" in out and "prefill in chunks of 2048 tokens per row" in out
     code, out, _ = run(capsys, "memory", "--preset", "jamba-v0.1", "--context", "256K", "--budget", "80GiB")
     assert code == 1 and "serving plan against 80.0 GiB: does not fit" in out and "weights 96.06 GiB" in out
+    code, out, _ = run(capsys, "memory", "--preset", "jamba-v0.1", "--context", "256K", "--budget", "80G",
+                       "--compare")
+    assert code == 1 and "does not fit" in out and "Llama-2" in out  # the table too, and still exit code 1
     code, out, _ = run(capsys, "memory", "--preset", "jamba-v0.1", "--context", "256K", "--budget", "0.5T")
     assert code == 0 and "against 512.0 GiB: fits" in out
 

@@ -179,7 +179,8 @@ class Generator:
 
         Each chunk continues from the cache (K/V, conv and SSM state), so the result equals one full
         forward while activations scale with the chunk, not the prompt. attention_mask: (B, T), 0 for left
-        padding."""
+        padding; a padded batch is planned again with its per-chunk mask (a shorter chunk where the chunk
+        was chosen, DoesNotFit before any chunk runs where a given one does not fit)."""
         chunk = chunk_size or self.chunk_size
         B, T = input_ids.shape
         if B != self.batch_size:
