@@ -81,8 +81,7 @@ def graph_ms(model, batch: int, step: str, context: int, reps: int = 100) -> flo
     """Graph-replayed ms per token of one Generator step kind at a synthetic context."""
     gc.collect()  # the previous call's Generator (graph, cache) is freed before the memory plan reads free memory
     torch.cuda.empty_cache()
-    # no prefill runs: a small prefill chunk keeps the plan to the cache and the step at large batches
-    gen = Generator(model, batch, 2 * context, mode="graph", step=step, chunk_size=64)
+    gen = Generator(model, batch, 2 * context, mode="graph", step=step)  # the plan picks a prefill chunk that fits
     _at_context(gen.cache, context)
     tok = torch.zeros(batch, dtype=torch.long, device=model.device)
     return _ms_per_call(lambda: tok.copy_(gen.decode_one_token(tok).argmax(-1)), reps)  # greedy, as decoding
