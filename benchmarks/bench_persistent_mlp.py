@@ -356,7 +356,7 @@ if gluon is not None:
         u1 = gl.allocate_shared_memory(dt, [NKH, BU1, 256], SL)
         u2 = gl.allocate_shared_memory(dt, [NKH, BU2, 256], SL)
         dw = gl.allocate_shared_memory(dt, [NKF, BD, 256], SL)
-        AL: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [NW, 1], [1, 0])
+        AL: gl.constexpr = WL
         acts = gl.allocate_shared_memory(gl.float32, [NKP, 256], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
         bu = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         bu2 = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
