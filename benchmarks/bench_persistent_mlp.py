@@ -40,6 +40,8 @@ def _arrive(bar_ptr):
 
 @triton.jit
 def _wait(bar_ptr, target):
+    """Spin until the grid barrier's counter reaches target (acquire: the arrivals' stores are visible). Also
+    called from the Gluon kernels below."""
     c = tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
     while c < target:
         c = tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
@@ -218,12 +220,25 @@ if gluon is not None:
         gl.store(ptr + rs, y.to(ptr.dtype.element_ty), mask=rs < rend)
 
     @gluon.jit
+    def _g_residual(h_ptr, y, d0, dend, BD: gl.constexpr, WL: gl.constexpr):
+        """h[d0:d0+BD] += y (rows < dend), rounded to the dtype as the eager residual add."""
+        dt: gl.constexpr = h_ptr.dtype.element_ty
+        rs = d0 + gl.arange(0, BD, layout=gl.SliceLayout(1, WL))
+        hr = gl.load(h_ptr + rs, mask=rs < dend, other=0.0, cache_modifier=".cg").to(gl.float32)
+        gl.store(h_ptr + rs, (hr + y.to(dt).to(gl.float32)).to(dt), mask=rs < dend)
+
+    @gluon.jit
+    def _g_swiglu(g, u, dt: gl.constexpr):
+        """silu(gate) * up in fp32, rounded to the dtype where the eager MLP rounds."""
+        return ((g / (1.0 + gl.exp(-g))).to(dt).to(gl.float32) * u).to(dt).to(gl.float32)
+
+    @gluon.jit
     def _g_act(gu_ptr, F, k0, BK: gl.constexpr, WL: gl.constexpr):
         ks = k0 + gl.arange(0, BK, layout=gl.SliceLayout(0, WL))
         dt: gl.constexpr = gu_ptr.dtype.element_ty
         g = gl.load(gu_ptr + ks, mask=ks < F, other=0.0, cache_modifier=".cg").to(gl.float32)
         u = gl.load(gu_ptr + F + ks, mask=ks < F, other=0.0, cache_modifier=".cg").to(gl.float32)
-        return ((g / (1.0 + gl.exp(-g))).to(dt).to(gl.float32) * u).to(dt).to(gl.float32)
+        return _g_swiglu(g, u, dt)
 
     @gluon.jit
     def mlp_stack_smem_kernel(h_ptr, gu_ptr, wgu_ptr, nw_ptr, wd_ptr, bar_ptr, CALLS, NL, eps, H, F, P,
@@ -264,9 +279,7 @@ if gluon is not None:
             async_copy.wait_group(1)  # this layer's up share has landed (its down share may still stream)
             _cta_barrier()
             if SYNC:
-                c = gl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
-                while c < stage * P:
-                    c = gl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
+                _wait(bar_ptr, stage * P)
             x = gl.load(h_ptr + hs, mask=hs < H, other=0.0, cache_modifier=".cg").to(gl.float32)
             rstd = 1.0 / gl.sqrt(gl.sum(x * x, axis=0) / H + eps)
             nw = gl.load(nw_ptr + layer * H + hs, mask=hs < H, other=0.0).to(gl.float32)
@@ -283,14 +296,10 @@ if gluon is not None:
             async_copy.wait_group(1)  # this layer's down share has landed
             _cta_barrier()
             if SYNC:
-                c = gl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
-                while c < stage * P:
-                    c = gl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
+                _wait(bar_ptr, stage * P)
             y = _g_rows(d1, _g_act(gu_ptr, F, 0, KD1, WL), BD, 0, WL)
             y += _g_rows(d2, _g_act(gu_ptr, F, KD1, KD2, WL), BD, 0, WL)
-            rs = d0 + gl.arange(0, BD, layout=gl.SliceLayout(1, WL))
-            hr = gl.load(h_ptr + rs, mask=rs < dend, other=0.0, cache_modifier=".cg").to(gl.float32)
-            gl.store(h_ptr + rs, (hr + y.to(dt).to(gl.float32)).to(dt), mask=rs < dend)
+            _g_residual(h_ptr, y, d0, dend, BD, WL)
             _cta_barrier()
             if SYNC:
                 gl.atomic_add(bar_ptr, 1, sem="release", scope="gpu")
@@ -335,7 +344,7 @@ if gluon is not None:
         else:
             g = gl.load(x_ptr + ks, mask=ks < F, other=0.0, cache_modifier=".cg").to(gl.float32)
             u = gl.load(x_ptr + F + ks, mask=ks < F, other=0.0, cache_modifier=".cg").to(gl.float32)
-            a = ((g / (1.0 + gl.exp(-g))).to(dt).to(gl.float32) * u).to(dt).to(gl.float32)
+            a = _g_swiglu(g, u, dt)
         _cta_barrier()  # the previous stage's reads of acts are done
         acts.store(a)
         _cta_barrier()
@@ -383,9 +392,7 @@ if gluon is not None:
             mbarrier.wait(bu, phase)
             mbarrier.wait(bu2, phase)
             if SYNC:
-                c = gl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
-                while c < stage * P:
-                    c = gl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
+                _wait(bar_ptr, stage * P)
             x = gl.load(h_ptr + hs, mask=hs < H, other=0.0, cache_modifier=".cg").to(gl.float32)
             rstd = 1.0 / gl.sqrt(gl.sum(x * x, axis=0) / H + eps)
             _t_stage_acts(acts, h_ptr, nw_ptr + layer * H, H, F, NKP, True, AL)
@@ -402,14 +409,10 @@ if gluon is not None:
             stage += 1
             mbarrier.wait(bd, phase)
             if SYNC:
-                c = gl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
-                while c < stage * P:
-                    c = gl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
+                _wait(bar_ptr, stage * P)
             _t_stage_acts(acts, gu_ptr, nw_ptr, H, F, NKP, False, AL)
             y = _t_rows(dw, acts, NKF, 0, BD, WL)
-            rs = d0 + gl.arange(0, BD, layout=gl.SliceLayout(1, WL))
-            hr = gl.load(h_ptr + rs, mask=rs < dend, other=0.0, cache_modifier=".cg").to(gl.float32)
-            gl.store(h_ptr + rs, (hr + y.to(dt).to(gl.float32)).to(dt), mask=rs < dend)
+            _g_residual(h_ptr, y, d0, dend, BD, WL)
             _cta_barrier()
             if SYNC:
                 gl.atomic_add(bar_ptr, 1, sem="release", scope="gpu")
