@@ -2,14 +2,18 @@
 
     python benchmarks/bench_decode_step.py                  # jamba-1b, bf16, batches 1 and 16, context 1024
     python benchmarks/bench_decode_step.py --sweep          # also sweep the fused kernels' tiles at batch 1
+                                                            # (with split layers, and the kernel chain without)
     python benchmarks/bench_decode_step.py --sweep-rows 128,256   # sweep the tensor-core tiles at these batches
+    python benchmarks/bench_decode_step.py --batches 1 --steps fused --no-profile --split-kinds
+                                                            # batch 1: which layer kinds to split
     python benchmarks/bench_decode_step.py --batches 384,512 --steps fused,static --no-profile --variant mamba
                                                             # step kinds only, the pure Mamba model of the same size
 
 For each batch: the graph-replayed milliseconds per token of the fused, static and compiled steps
 (measured one after another on the same model and cache size; the Generator's step with its greedy
 pick), the fused step's graph alone with and without programmatic dependent launch (PDL), and one
-torch.profiler pass over the fused step launched eagerly (kernels per token, GPU time per kernel).
+torch.profiler pass over the fused step launched eagerly (kernels per token, GPU time per kernel), and at
+batch 1 the graph alone with split layers and with the kernel chain they replace.
 --sweep times the fused step with each candidate tile configuration of one kernel family at a time
 (coordinate descent from the defaults in inference/fused.py) and reports the best; the defaults there
 come from such sweeps. --sweep-rows does the same for the tensor-core tiles at large batches
@@ -30,6 +34,7 @@ from openjamba.bench.common import VARIANTS, build_model, machine, profile_kerne
 from openjamba.config import JambaConfig
 from openjamba.inference import FusedDecodeStep, Generator
 from openjamba.inference.engine import capture_step
+from openjamba.inference.fused import SPLIT_KINDS
 
 # candidate tiles per kernel family for one row (the GEMV form); the first of each is the default
 GEMV_CANDIDATES = {
@@ -43,7 +48,14 @@ GEMV_CANDIDATES = {
                dict(BF=16, BK=512, warps=4)],
     "norm_linear": [dict(BN=8, BK=1024, warps=4), dict(BN=16, BK=1024, warps=8), dict(BN=4, BK=1024, warps=4)],
     "mamba_ssm": [dict(BD=16, warps=4), dict(BD=32, warps=4), dict(BD=16, warps=2), dict(BD=8, warps=2)],
+    "ffn_split": [dict(BF=8, BK=1024, BH=1024, warps=4), dict(BF=8, BK=1024, BH=256, warps=4),
+                  dict(BF=16, BK=1024, BH=1024, warps=8), dict(BF=8, BK=1024, BH=1024, warps=8),
+                  dict(BF=4, BK=1024, BH=1024, warps=4)],
+    "mamba_out": [dict(BD=16, BH=1024, warps=4), dict(BD=16, BH=1024, warps=8), dict(BD=16, BH=512, warps=4),
+                  dict(BD=32, BH=512, warps=8)],
 }
+# the families a one-row step runs with split layers (the others: the kernel chain, split=False)
+SPLIT_FAMILIES = ("ffn_split", "mamba_out", "mamba_in", "norm_linear")
 # candidate tensor-core tiles per kernel family for batches past one row block; the first of each is the
 # dot column of fused.TILES
 DOT_CANDIDATES = {
@@ -87,11 +99,12 @@ def graph_ms(model, batch: int, step: str, context: int, reps: int = 100) -> flo
     return _ms_per_call(lambda: tok.copy_(gen.decode_one_token(tok).argmax(-1)), reps)  # greedy, as decoding
 
 
-def fused_graph_ms(model, batch: int, context: int, tiles=None, pdl=None, reps: int = 60) -> float:
-    """The replayed graph of one FusedDecodeStep (explicit tiles, PDL on or off) alone, ms per token."""
+def fused_graph_ms(model, batch: int, context: int, tiles=None, reps: int = 60, **options) -> float:
+    """The replayed graph of one FusedDecodeStep (explicit tiles; options: PDL on or off, split layers or not)
+    alone, ms per token."""
     cache = model.new_cache(batch, 2 * context)
     tok = torch.zeros(batch, 1, dtype=torch.long, device=model.device)
-    graph, _ = capture_step(FusedDecodeStep(model, batch, tiles, pdl=pdl), model, tok, cache, None)
+    graph, _ = capture_step(FusedDecodeStep(model, batch, tiles, **options), model, tok, cache, None)
     _at_context(cache, context)
     return _ms_per_call(graph.replay, reps)
 
@@ -109,7 +122,7 @@ def fused_kernels(model, batch: int, context: int, top: int = 12) -> dict:
     return profile_kernels(greedy, top, repeats=4)
 
 
-def sweep(model, batch: int, context: int, candidates: dict, reps: int = 60) -> dict:
+def sweep(model, batch: int, context: int, candidates: dict, reps: int = 60, split=None) -> dict:
     """Coordinate descent over `candidates` (one kernel family at a time, each keeping the best of the ones
     before) from default_tiles(batch), with the static step's time beside it; a candidate that does not fit
     the device (shared memory) is logged as such."""
@@ -120,7 +133,7 @@ def sweep(model, batch: int, context: int, candidates: dict, reps: int = 60) -> 
         times = []
         for c in cands:
             try:
-                times.append(fused_graph_ms(model, batch, context, dict(best, **{family: c}), reps=reps))
+                times.append(fused_graph_ms(model, batch, context, dict(best, **{family: c}), split=split, reps=reps))
                 log.append(dict(family=family, tiles=c, ms=times[-1]))
             except OutOfResources as e:
                 times.append(float("inf"))
@@ -128,7 +141,7 @@ def sweep(model, batch: int, context: int, candidates: dict, reps: int = 60) -> 
         i = min(range(len(times)), key=times.__getitem__)
         best[family] = cands[i]
         print(f"  batch {batch} {family}: best {cands[i]} {times[i]:.4f} ms", flush=True)
-    return dict(best=best, ms=fused_graph_ms(model, batch, context, best, reps=reps),
+    return dict(best=best, ms=fused_graph_ms(model, batch, context, best, split=split, reps=reps),
                 static_ms=graph_ms(model, batch, "static", context, reps=reps), log=log)
 
 
@@ -143,6 +156,8 @@ def main(argv=None) -> int:
     p.add_argument("--sweep", action="store_true", help="also sweep the fused kernels' GEMV tiles (batch 1)")
     p.add_argument("--sweep-rows", default="", metavar="BATCHES",
                    help="comma-separated batches at which to sweep the tensor-core tiles (e.g. 128,256)")
+    p.add_argument("--split-kinds", action="store_true",
+                   help="batch 1: the graph alone with no layer split, each kind split alone, the default and all")
     p.add_argument("--no-profile", action="store_true",
                    help="only the step kinds through the Generator (no profiler pass, no graph-alone PDL on/off)")
     p.add_argument("--out", default="benchmarks/results/decode_step_profile.json")
@@ -165,8 +180,23 @@ def main(argv=None) -> int:
         for pdl in (True, False):
             record[f"fused_graph_pdl_{pdl}_b{batch}_ms"] = ms = fused_graph_ms(model, batch, args.context, pdl=pdl)
             print(f"batch {batch:3d} fused graph alone, PDL {'on ' if pdl else 'off'} {ms:.4f} ms/token", flush=True)
-    if args.sweep:
-        record["sweep_b1"] = sweep(model, 1, args.context, GEMV_CANDIDATES)
+        if batch == 1:
+            for split in (True, False):
+                record[f"fused_graph_split_{split}_b1_ms"] = ms = fused_graph_ms(model, 1, args.context, split=split)
+                print(f"batch   1 fused graph alone, split layers {'on ' if split else 'off'} {ms:.4f} ms/token",
+                      flush=True)
+    if args.split_kinds:  # two rounds, every variant once per round
+        variants = [("none", False)] + [(k, (k,)) for k in SPLIT_KINDS] + [("default", None), ("all", True)]
+        for r in range(2):
+            for name, split in variants:
+                ms = fused_graph_ms(model, 1, args.context, split=split)
+                record.setdefault("split_kinds_b1_ms", {}).setdefault(name, []).append(ms)
+                print(f"batch   1 fused graph alone, split {name:<8} {ms:.4f} ms/token", flush=True)
+    if args.sweep:  # one row: the split layers' kernels, then the chain's (split off)
+        record["sweep_b1"] = sweep(model, 1, args.context, {k: v for k, v in GEMV_CANDIDATES.items()
+                                                            if k in SPLIT_FAMILIES})
+        record["sweep_b1_chain"] = sweep(model, 1, args.context, {k: v for k, v in GEMV_CANDIDATES.items()
+                                                                  if k not in ("ffn_split", "mamba_out")}, split=False)
     for batch in (int(b) for b in args.sweep_rows.split(",") if b):
         record[f"sweep_b{batch}"] = sweep(model, batch, args.context, DOT_CANDIDATES, reps=30)
     with open(args.out, "w") as f:

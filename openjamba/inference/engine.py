@@ -221,6 +221,8 @@ class Generator:
         self.cache.check_room(1)
         self._token.copy_(token.view(-1, 1))
         if self._graph is not None:
+            if self.step == "fused":
+                self._step.sync_copies()  # weights changed in place since the capture: its transposed copies too
             self._graph.replay()
             logits = self._graph_logits
         else:

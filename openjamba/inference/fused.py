@@ -21,6 +21,18 @@ the CPU interpreter, TRITON_INTERPRET=1, for tests).
 On GPUs of compute capability 9 and above (H100, H200, B200) the kernels are launched with programmatic
 dependent launch (`pdl`, by default at batch 1): each starts streaming its weights while the previous
 kernel finishes (see fused_kernels.py).
+
+Split layers (one row; `split`): a layer's last projection split over the programs of the kernel before it,
+each adding its share of the output to an fp32 accumulator by atomic adds, so one kernel boundary goes. By
+default the Mamba mixer runs as mamba_in -> mamba_ssm + out_proj (one kernel fewer); the MLP and MoE can run
+as one kernel each (gate/up and down, the MoE routing computed by every program), measured slower on an H200
+and so off by default (benchmarks/KERNEL_NOTES.md, version 13). The output stays pending in the accumulator:
+the kernels after it add it to the residual as they read it (rounded as the eager residual add), and the next
+split layer writes that residual out once for the rest. The split kernels read transposed copies of those
+projections (whole rows of the transpose, where the weight's own rows would give each program short pieces),
+made with the step and refreshed when a weight changes in place (`sync_copies`): for jamba-1b's Mamba
+mixers 56 MiB. The order of the atomic adds is not fixed, so the last bits of those sums can change from run
+to run; under torch's deterministic algorithms no layer is split.
 """
 
 from __future__ import annotations
@@ -47,6 +59,13 @@ MAX_BATCH = 65535
 AUTO_ROWS = 256
 AUTO_CACHE_SLOPE = 3.3
 
+# Split layers (one row): the layer kinds whose last projection can be split over the programs and summed by
+# atomic adds, and those FusedDecodeStep splits by default: on an H200 (jamba-1b, batch 1) the Mamba mixer's
+# split measured faster than its kernel chain, the MLP's and the MoE's slower (benchmarks/KERNEL_NOTES.md,
+# version 13).
+SPLIT_KINDS = ("mamba", "mlp", "moe")
+SPLIT_DEFAULT = ("mamba",)
+
 # Batches up to this run the matmuls as GEMVs in registers, larger ones as tensor-core dots. One row: on the
 # H200 the GEMV form with a 4-row tile gave fp32 errors of ~1e-3 against the static step (jamba-tiny and
 # jamba-1b sizes, batch 3; the CPU interpreter agrees to 1e-7); until that is understood, 2+ rows take the
@@ -66,6 +85,10 @@ TILES = {
     "ffn_up": (dict(BF=8, BK=1024, warps=4), dict(BF=64, BK=128, warps=4)),
     "down": (dict(BH=4, BF=4096, warps=4), dict(BH=16, BF=512, warps=4)),
     "down_moe": (dict(BH=2, BF=4096, warps=4), dict(BH=16, BF=512, warps=4)),
+    # split layers (one row only, the same in both columns): BH output rows per block of the split down
+    # projection's atomic adds
+    "ffn_split": (dict(BF=8, BK=1024, BH=1024, warps=4),) * 2,
+    "mamba_out": (dict(BD=16, BH=1024, warps=4),) * 2,
 }
 # Tensor-core tiles for larger batches: (above this many rows, {kernel: tiles}), applied in order over the dot
 # column of TILES. Swept on an H200 for jamba-1b at 128 and 256 rows, 1K of context (benchmarks/KERNEL_NOTES.md,
@@ -143,6 +166,16 @@ def fused_preferred(config, batch_size: int, max_length: int, nbytes: int) -> st
             f"{AUTO_ROWS} rows past {AUTO_ROWS}): there the static step's matmuls measured faster")
 
 
+def _regs(t: dict) -> dict:
+    """The launch option capping a kernel's registers per thread where its tiles ask for one ("maxnreg")."""
+    return {"maxnreg": t["maxnreg"]} if t.get("maxnreg") else {}
+
+
+def _or(x, default):
+    """x, or default where x is None (a kernel argument the kernel does not read)."""
+    return default if x is None else x
+
+
 def _pow2(n: int, lo: int = 16) -> int:
     p = lo
     while p < n:
@@ -153,11 +186,16 @@ def _pow2(n: int, lo: int = 16) -> int:
 class FusedDecodeStep:
     """One decoding token per row through the fused kernels; see the module docstring."""
 
-    def __init__(self, model, batch_size: int, tiles: dict | None = None, pdl: bool | None = None):
+    def __init__(self, model, batch_size: int, tiles: dict | None = None, pdl: bool | None = None,
+                 split: bool | None = None):
         """tiles: per-kernel overrides of default_tiles(batch_size). pdl: launch with programmatic dependent
         launch; None: for the GEMV form where the device supports it (on an H200: 0.485 vs 0.62 ms per jamba-1b
         token at batch 1, but 1.141 vs 1.054 ms in the tensor-core form at batch 16); True where the device
-        cannot is an error."""
+        cannot is an error. split: split layers (one row only): one kernel per MLP or MoE layer and two per
+        Mamba mixer, their last linear layer split over the programs and summed by fp32 atomic adds (the order
+        of those adds, and so the last bits of the sums, can differ from run to run); True for every kind in
+        SPLIT_KINDS, or a collection of some of them; None: SPLIT_DEFAULT for one row unless torch's
+        deterministic algorithms are on."""
         reason = fused_unavailable(model, batch_size)
         if reason:
             raise RuntimeError(f"the fused decoding step cannot run: {reason}")
@@ -169,6 +207,15 @@ class FusedDecodeStep:
         self.fk = fk
         self.dot = batch_size > GEMV_MAX_ROWS
         self.pdl = (why_not is None and not self.dot) if pdl is None else bool(pdl)
+        if split is None:
+            split = () if self.dot or torch.are_deterministic_algorithms_enabled() else SPLIT_DEFAULT
+        self.split = frozenset(SPLIT_KINDS if split is True else () if split is False else split)
+        if not self.split <= set(SPLIT_KINDS):
+            raise ValueError(f"split: unknown layer kinds {sorted(self.split - set(SPLIT_KINDS))} "
+                             f"(the kinds are {', '.join(SPLIT_KINDS)})")
+        if self.split and self.dot:
+            raise ValueError(f"split layers run one row only (GEMV_MAX_ROWS = {GEMV_MAX_ROWS}); "
+                             f"this step was built for batch {batch_size}")
         self.tiles = {k: dict(v, **(tiles or {}).get(k, {})) for k, v in default_tiles(batch_size).items()}
         c = model.config
         dev, dt = model.device, model.dtype
@@ -192,6 +239,21 @@ class FusedDecodeStep:
         X = max(self.X, 1)
         self.act = torch.empty(X, batch_size, self.F, device=dev, dtype=dt)
         self.wsel = torch.empty(X, batch_size, device=dev, dtype=torch.float32)
+        # split layers: each one's output accumulator (zeroed at the start of a step) and, where the residual
+        # it goes on still had an earlier split layer's output pending, that residual made whole
+        n = 2 * c.num_hidden_layers if self.split else 0
+        self.accs = torch.empty(n, batch_size, self.H, device=dev, dtype=torch.float32)
+        self.hbuf = torch.empty(n, batch_size, self.H, device=dev, dtype=dt)
+        self._n_split = 0
+        # the split layers' last projections, transposed (the kernels read whole rows of the transpose where the
+        # weight's own rows would give each program short pieces of every row): source weight -> [copy, version]
+        self._copies = {}
+        for layer in model.model.layers:
+            if not layer.is_attention and "mamba" in self.split:
+                self._copy(layer.mamba.out_proj.weight)
+            ff = layer.feed_forward
+            if ("moe" if layer.is_moe else "mlp") in self.split:
+                self._copy(ff.experts.down_proj if layer.is_moe else ff.down_proj.weight)
 
     def _k(self, bk: int, wrows: int, k: int) -> int:
         """The reduction tile for this batch and reduction length k. GEMV tiles hold rows x wrows x tile
@@ -203,53 +265,97 @@ class FusedDecodeStep:
         return max(16, min(bk, 1 << (cap.bit_length() - 1)))
 
     # ------------------------------------------------------------------ pieces
-    def norm_linear(self, h, norm, weight, bias=None, out=None):
-        """Linear(RMSNorm(h)) for h (B, H) -> (B, out_features) in h's dtype."""
+    def norm_linear(self, h, norm, weight, bias=None, out=None, a=None):
+        """Linear(RMSNorm(h)) for h (B, H) -> (B, out_features) in h's dtype; a: a split layer's output still to
+        be added to h (its accumulator), or None."""
         t = self.tiles["norm_linear"]
         Nout = weight.shape[0]
         out = torch.empty(self.B, Nout, device=h.device, dtype=h.dtype) if out is None else out
         self.fk.norm_linear_kernel[(-(-Nout // t["BN"]) * self.NRB,)](
-            h, h.stride(0), norm.weight, norm.eps, weight, bias if bias is not None else weight, out, out.stride(0),
-            self.B, self.H, Nout, HAS_BIAS=bias is not None, BB=self.BB, BN=t["BN"],
+            h, h.stride(0), _or(a, h), norm.weight, norm.eps, weight, bias if bias is not None else weight, out,
+            out.stride(0), self.B, self.H, Nout, HAS_BIAS=bias is not None, BB=self.BB, BN=t["BN"],
             BK=self._k(t["BK"], t["BN"], self.H), IEEE=self.ieee, DOT=self.dot, PDL=self.pdl, NRB=self.NRB,
-            num_warps=t["warps"], launch_pdl=self.pdl)
+            ACC=a is not None, num_warps=t["warps"], launch_pdl=self.pdl)
         return out
 
-    def down_residual(self, h, act, weight, bias=None, routed=False, X=1):
-        """h += act @ weight^T (+ bias), in place; routed: the MoE's weighted sum over experts."""
+    def down_residual(self, h, act, weight, bias=None, routed=False, X=1, a=None):
+        """h += act @ weight^T (+ bias), in place; routed: the MoE's weighted sum over experts; a: a split
+        layer's output still to be added to h first, or None."""
         t = self.tiles["down_moe" if routed else "down"]
         F = weight.shape[-1]
         self.fk.down_residual_kernel[(-(-self.H // t["BH"]) * self.NRB,)](
             act, weight, weight.stride(0) if routed else 0, bias if bias is not None else weight, self.wsel, h,
-            h.stride(0), self.B, self.H, F, X, ROUTED=routed, SP=self.slots if routed else 0, BXP=_pow2(X, 2),
-            HAS_BIAS=bias is not None, BB=self.BB, BH=t["BH"], BF=self._k(t["BF"], t["BH"], F), IEEE=self.ieee,
-            DOT=self.dot, PDL=self.pdl, NRB=self.NRB, num_warps=t["warps"], launch_pdl=self.pdl)
+            h.stride(0), _or(a, h), self.B, self.H, F, X, ROUTED=routed, SP=self.slots if routed else 0,
+            BXP=_pow2(X, 2), HAS_BIAS=bias is not None, BB=self.BB, BH=t["BH"], BF=self._k(t["BF"], t["BH"], F),
+            IEEE=self.ieee, DOT=self.dot, PDL=self.pdl, NRB=self.NRB, ACC=a is not None, num_warps=t["warps"],
+            launch_pdl=self.pdl)
+
+    def _copy(self, w):
+        with torch.inference_mode(False), torch.no_grad():  # a normal tensor: refreshed in place in any mode
+            self._copies[w] = [w.detach().transpose(-1, -2).contiguous(), w._version]
+
+    def _w(self, w):
+        """A split layer's last projection (..., H, K) as its kernel reads it: the transposed copy (..., K, H)."""
+        return self._copies[w][0]
+
+    def sync_copies(self) -> int:
+        """Bring the transposed copies up to date with weights changed in place since they were made (a training
+        step, a checkpoint loaded into the model), in their own buffers, so that a captured graph reads them
+        too. Checked on every call of the step, and by the Generator before each graph replay; returns how many
+        were refreshed."""
+        n = 0
+        for w, entry in self._copies.items():
+            if w._version != entry[1]:
+                with torch.no_grad():
+                    entry[0].copy_(w.detach().transpose(-1, -2))
+                entry[1] = w._version
+                n += 1
+        return n
+
+    def _split_out(self, h, a):
+        """The next split layer's outputs: the residual its output goes on (h, or h + a made whole in a buffer of
+        its own where a is pending) and its accumulator."""
+        k = self._n_split
+        if k >= self.accs.shape[0]:
+            raise RuntimeError(f"more split layers than the {self.accs.shape[0]} this step has buffers for")
+        self._n_split += 1
+        return (h if a is None else self.hbuf[k]), self.accs[k]
 
     def partials_tile(self) -> int:
         """x_proj partial sums mamba_ssm reduces at a time: all of them where the (partials x columns) tile
         stays small (jamba-1b: 128 x 128), in slices for wide models (Jamba-v0.1: 512 partials x 288)."""
         return max(2, min(_pow2(self.NP, 2), 16384 // _pow2(self.NX)))
 
-    def mamba(self, h, layer, cache, i):
+    def mamba(self, h, layer, cache, i, a=None):
+        """The Mamba mixer and its residual add: -> (h, a), the residual stream and the output still pending on
+        it (split layers; None otherwise, h updated in place)."""
         m = layer.mamba
         conv = cache.conv[i]  # (B, K-1, Di)
         fk, t1, t2 = self.fk, self.tiles["mamba_in"], self.tiles["mamba_ssm"]
         fk.mamba_in_kernel[(2 * self.NP * self.NRB,)](
-            h, h.stride(0), layer.input_layernorm.weight, layer.input_layernorm.eps, m.in_proj.weight,
+            h, h.stride(0), _or(a, h), layer.input_layernorm.weight, layer.input_layernorm.eps, m.in_proj.weight,
             m.in_proj.bias if m.in_proj.bias is not None else m.in_proj.weight, conv, conv.stride(0), conv.stride(1),
             m.conv1d.weight, m.conv1d.bias if m.conv1d.bias is not None else m.conv1d.weight, m.x_proj.weight,
             self.u, self.z, self.xpart, self.B, self.H, self.Di, self.NX,
             HAS_BIN=m.in_proj.bias is not None, HAS_CB=m.conv1d.bias is not None, KC=m.d_conv,
             KP=_pow2(m.d_conv - 1, 1), NU=self.NP, BB=self.BB, BD=t1["BD"], BK=self._k(t1["BK"], t1["BD"], self.H),
             BX=_pow2(self.NX), IEEE=self.ieee, DOT=self.dot,
-            PDL=self.pdl, NRB=self.NRB, num_warps=t1["warps"], launch_pdl=self.pdl)
+            PDL=self.pdl, NRB=self.NRB, ACC=a is not None, num_warps=t1["warps"], launch_pdl=self.pdl)
+        split = "mamba" in self.split
+        t2 = self.tiles["mamba_out"] if split else t2
+        ho, ao = self._split_out(h, a) if split else (h, h)
+        wo, bo = m.out_proj.weight, m.out_proj.bias
         fk.mamba_ssm_kernel[(-(-self.Di // t2["BD"]), self.B)](
             self.xpart, self.u, self.z, m.dt_proj.weight, m.dt_proj.bias, m.A_log, m.D, m.dt_layernorm.weight,
             m.b_layernorm.weight, m.c_layernorm.weight, m.dt_layernorm.eps, cache.ssm[i], self.y,
-            self.B, self.Di, self.R, self.N, self.NP,
-            BD=t2["BD"], BX=_pow2(self.NX), BP=t2.get("BP") or self.partials_tile(), BN=_pow2(self.N, 2),
-            PDL=self.pdl, num_warps=t2["warps"], launch_pdl=self.pdl)
-        self.down_residual(h, self.y, m.out_proj.weight, m.out_proj.bias)
+            self._w(wo) if split else wo, _or(bo, wo), h, _or(a, h), ho, ao, self.B, self.Di, self.R, self.N, self.NP,
+            self.H, BD=t2["BD"], BX=_pow2(self.NX), BP=self.tiles["mamba_ssm"].get("BP") or self.partials_tile(),
+            BN=_pow2(self.N, 2), PDL=self.pdl, OUT=split, HAS_BO=bo is not None, ACC=split and a is not None,
+            BH=min(t2.get("BH", 16), _pow2(self.H)), num_warps=t2["warps"], launch_pdl=self.pdl, **_regs(t2))
+        if split:
+            return ho, ao
+        self.down_residual(h, self.y, m.out_proj.weight, m.out_proj.bias, a=a)
+        return h, None
 
     def _splits(self, cache, n_kv: int) -> int:
         """Key splits for flash-decoding over this cache: enough (batch x KV head x split) programs for every
@@ -258,11 +364,11 @@ class FusedDecodeStep:
         want = max(1, -(-2 * self.sms // (self.B * n_kv)))
         return max(1, min(want, -(-cache.max_length // 64)))
 
-    def attention(self, h, layer, cache):
+    def attention(self, h, layer, cache, a=None):
         """q, k, v projections, k and v written at `cache.pos` (one kernel); split-K flash-decoding over the
         filled positions (the static step's masked softmax over the whole buffer, without reading the
-        unfilled part); o_proj + residual."""
-        a = layer.self_attn
+        unfilled part); o_proj + residual, in place: -> (h, None). a: as in mamba."""
+        pending, a = a, layer.self_attn
         norm = layer.input_layernorm
         B, n_kv, hd = self.B, a.n_kv, a.head_dim
         G = a.n_heads // n_kv
@@ -281,10 +387,10 @@ class FusedDecodeStep:
         nq, nkv = a.n_heads * hd, n_kv * hd
         fk = self.fk
         fk.qkv_kernel[((-(-nq // t["BN"]) + 2 * -(-nkv // t["BN"])) * self.NRB,)](
-            h, h.stride(0), norm.weight, norm.eps, a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, q, keys,
-            values, keys.stride(0), keys.stride(1), cache.pos, B, self.H, nq, nkv, hd, keys.shape[2], BB=self.BB,
-            BN=t["BN"], BK=self._k(t["BK"], t["BN"], self.H), IEEE=self.ieee, DOT=self.dot, PDL=self.pdl,
-            NRB=self.NRB, num_warps=t["warps"], launch_pdl=self.pdl)
+            h, h.stride(0), _or(pending, h), norm.weight, norm.eps, a.q_proj.weight, a.k_proj.weight, a.v_proj.weight,
+            q, keys, values, keys.stride(0), keys.stride(1), cache.pos, B, self.H, nq, nkv, hd, keys.shape[2],
+            BB=self.BB, BN=t["BN"], BK=self._k(t["BK"], t["BN"], self.H), IEEE=self.ieee, DOT=self.dot,
+            PDL=self.pdl, NRB=self.NRB, ACC=pending is not None, num_warps=t["warps"], launch_pdl=self.pdl)
         # Where a split can hold more than 256 positions (caches past ~16K positions at batch 1) the kernel is
         # launched without PDL: launched while qkv still runs, its programs were packed onto a sixth to a
         # half of the SMs, which for a kernel streaming the cache cost more than the early launch saves
@@ -297,10 +403,14 @@ class FusedDecodeStep:
         fk.attn_combine_kernel[(B * n_kv, G)](
             self._attn_acc, self._attn_ml, self._attn_out, n_kv, G, hd, NS, BG=BG, BHD=BHD, BS=_pow2(NS, 2),
             PDL=self.pdl, num_warps=4, launch_pdl=self.pdl)
-        self.down_residual(h, self._attn_out, a.o_proj.weight)
+        self.down_residual(h, self._attn_out, a.o_proj.weight, a=pending)
+        return h, None
 
-    def ffn(self, h, layer):
+    def ffn(self, h, layer, a=None):
+        """The MLP or MoE and its residual add: -> (h, a) as in mamba."""
         ff, norm = layer.feed_forward, layer.pre_ff_layernorm
+        if ("moe" if layer.is_moe else "mlp") in self.split:
+            return self._ffn_split(h, layer, a)
         t = self.tiles["ffn_up"]
         if layer.is_moe:
             X, routed = ff.num_experts, True
@@ -308,18 +418,38 @@ class FusedDecodeStep:
             wg, wu, s_up = gu, gu[:, self.F:], gu.stride(0)
             bxp = _pow2(X, 2)
             self.fk.router_kernel[(self.B,)](  # the whole router weight in one tile up to 8K elements
-                h, h.stride(0), norm.weight, norm.eps, ff.router.weight, self.wsel, self.B, self.H, X,
-                TOPK=self.K, BXP=bxp, BK=min(_pow2(self.H), max(256, 8192 // bxp)), PDL=self.pdl, num_warps=4,
-                launch_pdl=self.pdl)
+                h, h.stride(0), _or(a, h), norm.weight, norm.eps, ff.router.weight, self.wsel, self.B, self.H, X,
+                TOPK=self.K, BXP=bxp, BK=min(_pow2(self.H), max(256, 8192 // bxp)), PDL=self.pdl,
+                ACC=a is not None, num_warps=4, launch_pdl=self.pdl)
         else:
             X, routed = 1, False
             wg, wu, wd, s_up = ff.gate_proj.weight, ff.up_proj.weight, ff.down_proj.weight, 0
         sp = self.slots if routed else 0  # one row: a program per F block and picked expert, not per expert
         self.fk.ffn_up_kernel[(-(-self.F // t["BF"]) * self.NRB, self.K if sp else X)](
-            h, h.stride(0), norm.weight, norm.eps, wg, wu, s_up, self.act, self.wsel, self.B, self.H, self.F, X,
-            ROUTED=routed, SP=sp, BXP=_pow2(X, 2), BB=self.BB, BF=t["BF"], BK=self._k(t["BK"], 2 * t["BF"], self.H),
-            IEEE=self.ieee, DOT=self.dot, PDL=self.pdl, NRB=self.NRB, num_warps=t["warps"], launch_pdl=self.pdl)
-        self.down_residual(h, self.act, wd, routed=routed, X=X)
+            h, h.stride(0), _or(a, h), norm.weight, norm.eps, wg, wu, s_up, self.act, self.wsel, self.B, self.H,
+            self.F, X, ROUTED=routed, SP=sp, BXP=_pow2(X, 2), BB=self.BB, BF=t["BF"],
+            BK=self._k(t["BK"], 2 * t["BF"], self.H), IEEE=self.ieee, DOT=self.dot, PDL=self.pdl, NRB=self.NRB,
+            ACC=a is not None, num_warps=t["warps"], launch_pdl=self.pdl)
+        self.down_residual(h, self.act, wd, routed=routed, X=X, a=a)
+        return h, None
+
+    def _ffn_split(self, h, layer, a):
+        ff, norm = layer.feed_forward, layer.pre_ff_layernorm
+        t = self.tiles["ffn_split"]
+        ho, ao = self._split_out(h, a)
+        if layer.is_moe:
+            gu, wd = ff.experts.gate_up_proj, ff.experts.down_proj
+            X, wr, wg, wu = ff.num_experts, ff.router.weight, gu, gu[:, self.F:]
+            s_up, s_down = gu.stride(0), wd.stride(0)
+        else:
+            X, wg, wu, wd, s_up, s_down = 1, ff.gate_proj.weight, ff.up_proj.weight, ff.down_proj.weight, 0, 0
+            wr = wg
+        self.fk.ffn_split_kernel[(-(-self.F // t["BF"]), self.K if layer.is_moe else 1)](
+            h, _or(a, h), ho, ao, norm.weight, norm.eps, wr, wg, wu, s_up, self._w(wd), s_down, self.H, self.F, X,
+            ACC=a is not None, ROUTED=layer.is_moe, TOPK=self.K, BXP=_pow2(X, 2), SP=_pow2(self.K, 1),
+            BF=t["BF"], BK=self._k(t["BK"], 2 * t["BF"], self.H), BH=min(t["BH"], _pow2(self.H)), IEEE=self.ieee,
+            PDL=self.pdl, num_warps=t["warps"], launch_pdl=self.pdl, **_regs(t))
+        return ho, ao
 
     # ------------------------------------------------------------------ the step
     def __call__(self, model, token_ids: torch.Tensor, cache, moe_impl=None) -> torch.Tensor:
@@ -327,12 +457,17 @@ class FusedDecodeStep:
         if token_ids.shape[0] != self.B:
             raise ValueError(f"this fused step was built for batch {self.B}, got {token_ids.shape[0]} rows")
         h = model.model.embed_tokens(token_ids[:, 0])  # (B, H): a fresh buffer, updated in place below
+        a = None  # a split layer's output still pending on h
+        self._n_split = 0
+        self.sync_copies()
+        if self.split:
+            self.accs.zero_()
         for i, layer in enumerate(model.model.layers):
             if layer.is_attention:
-                self.attention(h, layer, cache)
+                h, a = self.attention(h, layer, cache, a)
             else:
-                self.mamba(h, layer, cache, i)
-            self.ffn(h, layer)
-        logits = self.norm_linear(h, model.model.final_layernorm, model.lm_head.weight)
+                h, a = self.mamba(h, layer, cache, i, a)
+            h, a = self.ffn(h, layer, a)
+        logits = self.norm_linear(h, model.model.final_layernorm, model.lm_head.weight, a=a)
         cache.pos.add_(1)
         return logits

@@ -16,6 +16,11 @@ own, and each fuses the elementwise work around its matmul:
     qkv          RMSNorm -> an attention layer's q, k and v projections, k and v written into the cache
     norm_linear  RMSNorm -> one linear layer (the lm_head)
 
+Split layers (one row, see inference/fused.py): mamba_ssm with OUT also computes its channels' share of the
+out_proj, and ffn_split runs a whole MLP or MoE layer (routing, gate/up, its F block's share of down); each
+adds its share to an fp32 accumulator with atomic adds (_down_split). Every kernel that reads the residual
+stream can take such a pending output (ACC) and adds it as it reads (_x_tile, _pending_add).
+
 Every weight is read once for all rows of the batch. Up to a few rows the matmuls are GEMVs (products
 summed in registers); above that the rows are padded to a tile of at least 16 and each matmul is a
 tensor-core `tl.dot` (DOT). Roundings to the model
@@ -97,12 +102,26 @@ def _w_tile(w_ptr, s_wn, n0, N, k0, K, BN: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
-def _x_tile(x_ptr, s_xb, nw_ptr, B, k0, K, BB: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr):
+def _pending_add(x, a_ptrs, mask):
+    """The residual x plus the pending split-layer output at a_ptrs (fp32, from atomics), rounded as the eager
+    layers round: the layer's output to the dtype, then the sum."""
+    out = tl.load(a_ptrs, mask=mask, other=0.0, cache_modifier=".cg").to(x.dtype).to(tl.float32)
+    return (x.to(tl.float32) + out).to(x.dtype)
+
+
+@triton.jit
+def _x_tile(x_ptr, s_xb, nw_ptr, B, k0, K, BB: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr, a_ptr=None,
+            ACC: tl.constexpr = False):
     """X[:B, k0:k0+BK] in x's dtype (0 outside) and the fp32 sums of squares of its rows. NORM: multiplied
-    by the RMSNorm weight nw and rounded to the dtype (the 1/rms row scale comes after the matmul)."""
+    by the RMSNorm weight nw and rounded to the dtype (the 1/rms row scale comes after the matmul). ACC: x is
+    a residual stream with a split layer's output still pending in the fp32 accumulator a (same layout): the
+    residual add happens here, rounded as the eager layers round (x + out, out rounded to the dtype first)."""
     rows = tl.arange(0, BB)
     ks = k0 + tl.arange(0, BK)
-    x = tl.load(x_ptr + rows[:, None] * s_xb + ks[None, :], mask=(rows[:, None] < B) & (ks[None, :] < K), other=0.0)
+    m = (rows[:, None] < B) & (ks[None, :] < K)
+    x = tl.load(x_ptr + rows[:, None] * s_xb + ks[None, :], mask=m, other=0.0)
+    if ACC:
+        x = _pending_add(x, a_ptr + rows[:, None] * s_xb + ks[None, :], m)
     if NORM:
         xf = x.to(tl.float32)
         ss = tl.sum(xf * xf, axis=1)
@@ -115,16 +134,16 @@ def _x_tile(x_ptr, s_xb, nw_ptr, B, k0, K, BB: tl.constexpr, BK: tl.constexpr, N
 @triton.jit
 def _matmul(x_ptr, s_xb, nw_ptr, eps, w0, w_ptr, s_wn, n0, N, B, K,
             BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr, IEEE: tl.constexpr,
-            DOT: tl.constexpr):
+            DOT: tl.constexpr, a_ptr=None, ACC: tl.constexpr = False):
     """(BB, BN) fp32 = X[:B] @ W[n0:n0+BN]^T for a row-major W (N, K) whose first tile w0 = W[n0:, :BK] the
     caller loaded already (before _after_previous_kernel: the weight stream starts while the previous kernel
     finishes; with BK >= K that is the whole share of W). NORM: X = RMSNorm(x) with weight nw, in the same
     pass: the row scale 1/rms commutes with the matmul, so the dot takes (x * nw) rounded to the dtype and the
     accumulated rows are scaled at the end. Padded rows and columns are 0."""
-    x, ss = _x_tile(x_ptr, s_xb, nw_ptr, B, 0, K, BB, BK, NORM)
+    x, ss = _x_tile(x_ptr, s_xb, nw_ptr, B, 0, K, BB, BK, NORM, a_ptr, ACC)
     acc = _mm(x, w0, IEEE, DOT)
     for k0 in range(BK, K, BK):
-        x, s = _x_tile(x_ptr, s_xb, nw_ptr, B, k0, K, BB, BK, NORM)
+        x, s = _x_tile(x_ptr, s_xb, nw_ptr, B, k0, K, BB, BK, NORM, a_ptr, ACC)
         ss += s
         acc += _mm(x, _w_tile(w_ptr, s_wn, n0, N, k0, K, BN, BK), IEEE, DOT)
     if NORM:
@@ -133,18 +152,21 @@ def _matmul(x_ptr, s_xb, nw_ptr, eps, w0, w_ptr, s_wn, n0, N, B, K,
 
 
 @triton.jit
-def norm_linear_kernel(h_ptr, s_hb, nw_ptr, eps, w_ptr, bias_ptr, y_ptr, s_yb, B, H, N,
+def norm_linear_kernel(h_ptr, s_hb, a_ptr, nw_ptr, eps, w_ptr, bias_ptr, y_ptr, s_yb, B, H, N,
                        HAS_BIAS: tl.constexpr, BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                       IEEE: tl.constexpr, DOT: tl.constexpr, PDL: tl.constexpr, NRB: tl.constexpr):
-    """y (B, N) = Linear(RMSNorm(h)), in y's dtype. Grid: (cdiv(N, BN) * NRB,)."""
+                       IEEE: tl.constexpr, DOT: tl.constexpr, PDL: tl.constexpr, NRB: tl.constexpr,
+                       ACC: tl.constexpr):
+    """y (B, N) = Linear(RMSNorm(h)), in y's dtype (ACC: h + the pending output a, see _x_tile). Grid:
+    (cdiv(N, BN) * NRB,)."""
     blk, r0 = _row_block(tl.program_id(0), NRB, BB)
     n0 = blk * BN
     h_ptr += r0 * s_hb
+    a_ptr += r0 * s_hb
     y_ptr += r0 * s_yb
     nb = B - r0  # rows in this block (up to BB)
     w0 = _w_tile(w_ptr, H, n0, N, 0, H, BN, BK)
     _after_previous_kernel(PDL)
-    acc = _matmul(h_ptr, s_hb, nw_ptr, eps, w0, w_ptr, H, n0, N, nb, H, BB, BN, BK, True, IEEE, DOT)
+    acc = _matmul(h_ptr, s_hb, nw_ptr, eps, w0, w_ptr, H, n0, N, nb, H, BB, BN, BK, True, IEEE, DOT, a_ptr, ACC)
     ns = n0 + tl.arange(0, BN)
     rows = tl.arange(0, BB)
     if HAS_BIAS:
@@ -154,9 +176,9 @@ def norm_linear_kernel(h_ptr, s_hb, nw_ptr, eps, w_ptr, bias_ptr, y_ptr, s_yb, B
 
 
 @triton.jit
-def qkv_kernel(h_ptr, s_hb, nw_ptr, eps, wq_ptr, wk_ptr, wv_ptr, q_ptr, k_ptr, v_ptr, s_kb, s_kh, pos_ptr,
+def qkv_kernel(h_ptr, s_hb, a_ptr, nw_ptr, eps, wq_ptr, wk_ptr, wv_ptr, q_ptr, k_ptr, v_ptr, s_kb, s_kh, pos_ptr,
                B, H, NQ, NKV, HD, L, BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
-               DOT: tl.constexpr, PDL: tl.constexpr, NRB: tl.constexpr):
+               DOT: tl.constexpr, PDL: tl.constexpr, NRB: tl.constexpr, ACC: tl.constexpr):
     """An attention layer's q, k and v projections of RMSNorm(h) in one launch; k and v go straight into
     the caches at the current position. Grid ((cdiv(NQ, BN) + 2 cdiv(NKV, BN)) * NRB,): the first programs
     compute q (B, NQ); the next k, then v (B, NKV), written at k_ptr[b, n // HD, pos, n % HD] of a
@@ -164,6 +186,7 @@ def qkv_kernel(h_ptr, s_hb, nw_ptr, eps, wq_ptr, wk_ptr, wv_ptr, q_ptr, k_ptr, v
     callers check the room on the host). pos (a device scalar) was last written before the step began."""
     pid, r0 = _row_block(tl.program_id(0), NRB, BB)
     h_ptr += r0 * s_hb
+    a_ptr += r0 * s_hb
     q_ptr += r0 * NQ
     k_ptr += r0.to(tl.int64) * s_kb
     v_ptr += r0.to(tl.int64) * s_kb
@@ -179,7 +202,7 @@ def qkv_kernel(h_ptr, s_hb, nw_ptr, eps, wq_ptr, wk_ptr, wv_ptr, q_ptr, k_ptr, v
     w0 = _w_tile(w_ptr, H, n0, N, 0, H, BN, BK)
     pos = tl.load(pos_ptr).to(tl.int64)
     _after_previous_kernel(PDL)
-    acc = _matmul(h_ptr, s_hb, nw_ptr, eps, w0, w_ptr, H, n0, N, nb, H, BB, BN, BK, True, IEEE, DOT)
+    acc = _matmul(h_ptr, s_hb, nw_ptr, eps, w0, w_ptr, H, n0, N, nb, H, BB, BN, BK, True, IEEE, DOT, a_ptr, ACC)
     ns = n0 + tl.arange(0, BN)
     rows = tl.arange(0, BB)
     m2 = (rows[:, None] < nb) & (ns[None, :] < N)
@@ -196,19 +219,20 @@ def qkv_kernel(h_ptr, s_hb, nw_ptr, eps, wq_ptr, wk_ptr, wv_ptr, q_ptr, k_ptr, v
 
 @triton.jit
 def mamba_in_kernel(
-    h_ptr, s_hb, nw_ptr, eps, win_ptr, bin_ptr, conv_ptr, s_cb, s_ck, cw_ptr, cb_ptr, wx_ptr,
+    h_ptr, s_hb, a_ptr, nw_ptr, eps, win_ptr, bin_ptr, conv_ptr, s_cb, s_ck, cw_ptr, cb_ptr, wx_ptr,
     u_ptr, z_ptr, xpart_ptr, B, H, Di, NX,
     HAS_BIN: tl.constexpr, HAS_CB: tl.constexpr, KC: tl.constexpr, KP: tl.constexpr, NU: tl.constexpr,
     BB: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr, BX: tl.constexpr, IEEE: tl.constexpr,
-    DOT: tl.constexpr, PDL: tl.constexpr, NRB: tl.constexpr,
+    DOT: tl.constexpr, PDL: tl.constexpr, NRB: tl.constexpr, ACC: tl.constexpr,
 ):
     """Grid (2 NU * NRB,). Programs [0, NU): BD channels of u = in_proj(RMSNorm(h))[:, :Di], the conv
     update of those channels (conv state (B, KC-1, Di) shifted in place) + SiLU -> u (B, Di), and their
     share of x_proj: xpart[p] (B, NX) fp32. Programs [NU, 2 NU): BD channels of z = in_proj(...)[:, Di:]
-    -> z (B, Di).
+    -> z (B, Di). ACC: h + the pending output a (see _x_tile).
     KP: the KC - 1 conv state rows padded to a power of two."""
     pid, r0 = _row_block(tl.program_id(0), NRB, BB)
     h_ptr += r0 * s_hb
+    a_ptr += r0 * s_hb
     conv_ptr += r0 * s_cb
     u_ptr += r0 * Di
     z_ptr += r0 * Di
@@ -237,7 +261,8 @@ def mamba_in_kernel(
         if HAS_CB:
             bias = tl.load(cb_ptr + ds, mask=dmask, other=0.0).to(tl.float32)
         _after_previous_kernel(PDL)
-        acc = _matmul(h_ptr, s_hb, nw_ptr, eps, w0, win_ptr, H, d0, Di, B - r0, H, BB, BD, BK, True, IEEE, DOT)
+        acc = _matmul(h_ptr, s_hb, nw_ptr, eps, w0, win_ptr, H, d0, Di, B - r0, H, BB, BD, BK, True, IEEE, DOT,
+                      a_ptr, ACC)
         if HAS_BIN:
             acc += tl.load(bin_ptr + ds, mask=dmask, other=0.0).to(tl.float32)[None, :]
         x = acc.to(dt).to(tl.float32)  # in_proj output in the model dtype
@@ -259,7 +284,7 @@ def mamba_in_kernel(
         w0 = _w_tile(win_ptr + Di * H, H, d0, Di, 0, H, BD, BK)
         _after_previous_kernel(PDL)
         acc = _matmul(h_ptr, s_hb, nw_ptr, eps, w0, win_ptr + Di * H, H, d0, Di, B - r0, H, BB, BD, BK, True, IEEE,
-                      DOT)
+                      DOT, a_ptr, ACC)
         if HAS_BIN:
             acc += tl.load(bin_ptr + Di + ds, mask=ds < Di, other=0.0).to(tl.float32)[None, :]
         tl.store(z_ptr + rows[:, None] * Di + ds[None, :], acc.to(dt), mask=rmask[:, None] & (ds[None, :] < Di))
@@ -286,12 +311,17 @@ def _dt_proj_rows(wdt_ptr, ds, dmask, xs, R):
 @triton.jit
 def mamba_ssm_kernel(
     xpart_ptr, u_ptr, z_ptr, wdt_ptr, dtb_ptr, alog_ptr, dsk_ptr, dtn_ptr, bn_ptr, cn_ptr, eps,
-    state_ptr, y_ptr, B, Di, R, N, NP,
-    BD: tl.constexpr, BX: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PDL: tl.constexpr,
+    state_ptr, y_ptr, wo_ptr, bo_ptr, h_ptr, a_ptr, ho_ptr, ao_ptr, B, Di, R, N, NP, H,
+    BD: tl.constexpr, BX: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PDL: tl.constexpr, OUT: tl.constexpr,
+    HAS_BO: tl.constexpr, ACC: tl.constexpr, BH: tl.constexpr,
 ):
     """Grid (cdiv(Di, BD), B): x_proj row b = sum of the NP partials, rounded to the model dtype; RMSNorms
     of its dt (R), B and C (N) parts; dt for BD channels = dt_proj(dt) (rounded), + bias, softplus; the
-    state (B, Di, N) fp32 advanced in place; y = (C . state + D u) * silu(z) -> y (B, Di)."""
+    state (B, Di, N) fp32 advanced in place; y = (C . state + D u) * silu(z) -> y (B, Di).
+    OUT (one row): instead of storing y, the out_proj (H, Di) split over the channel blocks: each program adds
+    its channels' share (+ the bias, program 0) to ao (_down_split, from wo = out_proj transposed (Di, H); its
+    first block read before the wait), and with ACC program 0 writes h + a, the residual that output goes on,
+    to ho. Without OUT the arguments from wo_ptr to ao_ptr are not read."""
     pd = tl.program_id(0)
     b = tl.program_id(1)
     dt = u_ptr.dtype.element_ty
@@ -311,6 +341,8 @@ def mamba_ssm_kernel(
     dtbias = tl.load(dtb_ptr + ds, mask=dmask, other=0.0).to(tl.float32)
     s_ptrs = state_ptr + b * Di * N + ds[:, None] * N + ns[None, :]
     h = tl.load(s_ptrs, mask=m2, other=0.0, cache_modifier=".cg")  # the state (last written a token ago)
+    if OUT:
+        wo0 = _split_w(wo_ptr, Di, pd * BD, H, 0, BH, BD)
     _after_previous_kernel(PDL)
     # u and z issued with the partials below, their latencies overlapping
     u = tl.load(u_ptr + b * Di + ds, mask=dmask, other=0.0).to(tl.float32)
@@ -335,12 +367,24 @@ def mamba_ssm_kernel(
     tl.store(s_ptrs, h, mask=m2)
     y = tl.sum(h * cvec[None, :], axis=1) + u * dskip
     y = y * zz * tl.sigmoid(zz)
-    tl.store(y_ptr + b * Di + ds, y.to(dt), mask=dmask)
+    if OUT:
+        _down_split(wo0, wo_ptr, Di, pd * BD, tl.where(dmask, y.to(dt).to(tl.float32), 0.0)[None, :], 1.0, ao_ptr, H,
+                    BH, BD)
+        if pd == 0:
+            if HAS_BO:
+                for h0 in range(0, H, BH):
+                    hs = h0 + tl.arange(0, BH)
+                    tl.atomic_add(ao_ptr + hs, tl.load(bo_ptr + hs, mask=hs < H, other=0.0).to(tl.float32),
+                                  mask=hs < H, sem="relaxed")
+            if ACC:
+                _materialize(h_ptr, a_ptr, ho_ptr, H, BH)
+    else:
+        tl.store(y_ptr + b * Di + ds, y.to(dt), mask=dmask)
 
 
 @triton.jit
-def router_kernel(h_ptr, s_hb, nw_ptr, eps, wr_ptr, wsel_ptr, B, H, X,
-                  TOPK: tl.constexpr, BXP: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):
+def router_kernel(h_ptr, s_hb, a_ptr, nw_ptr, eps, wr_ptr, wsel_ptr, B, H, X,
+                  TOPK: tl.constexpr, BXP: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr, ACC: tl.constexpr):
     """Grid (B,): row b's MoE routing. Softmax over the X router logits of RMSNorm(h[b]), the top-k kept
     without renormalisation (lowest expert index first on ties); wsel[e, b] = that weight, rounded to the
     model dtype as the eager router's, or 0 where e is not among the top k."""
@@ -349,8 +393,17 @@ def router_kernel(h_ptr, s_hb, nw_ptr, eps, wr_ptr, wsel_ptr, B, H, X,
     xs = tl.arange(0, BXP)
     w0 = _w_tile(wr_ptr, H, 0, X, 0, H, BXP, BK)
     _after_previous_kernel(PDL)
-    logits = _matmul(h_ptr + b * s_hb, s_hb, nw_ptr, eps, w0, wr_ptr, H, 0, X, 1, H, 1, BXP, BK, True, True, False)
+    logits = _matmul(h_ptr + b * s_hb, s_hb, nw_ptr, eps, w0, wr_ptr, H, 0, X, 1, H, 1, BXP, BK, True, True, False,
+                     a_ptr + b * s_hb, ACC)
     logits = tl.sum(logits, axis=0).to(dt).to(tl.float32)  # (1, BXP) -> (BXP,)
+    tl.store(wsel_ptr + xs * B + b, _top_k(logits, X, TOPK, BXP, dt), mask=xs < X)
+
+
+@triton.jit
+def _top_k(logits, X, TOPK: tl.constexpr, BXP: tl.constexpr, dt: tl.constexpr):
+    """Router logits (BXP,) fp32 (valid below X) -> the softmax weights of the top-k experts, rounded to the
+    model dtype as the eager router's (lowest expert index first on ties), 0 for the others."""
+    xs = tl.arange(0, BXP)
     logits = tl.where(xs < X, logits, float("-inf"))
     p = tl.exp(logits - tl.max(logits, axis=0))
     p = p / tl.sum(p, axis=0)
@@ -361,7 +414,7 @@ def router_kernel(h_ptr, s_hb, nw_ptr, eps, wr_ptr, wsel_ptr, B, H, X,
         j = tl.min(tl.where(work == best, xs, BXP), axis=0)
         wsel = tl.where(xs == j, best, wsel)
         work = tl.where(xs == j, -1.0, work)
-    tl.store(wsel_ptr + xs * B + b, wsel.to(dt).to(tl.float32), mask=xs < X)
+    return wsel.to(dt).to(tl.float32)
 
 
 @triton.jit
@@ -370,7 +423,14 @@ def _picked_experts(wsel_ptr, X, BXP: tl.constexpr, SP: tl.constexpr):
     order (SP,), their routing weights (SP,) and which of the SP slots hold one (SP >= top-k; a weight that
     rounded to 0 picks nothing, as in the loop over experts). Loaded past L1: see the module docstring."""
     xs = tl.arange(0, BXP)
-    w = tl.load(wsel_ptr + xs, mask=xs < X, other=0.0, cache_modifier=".cg")
+    return _pick(tl.load(wsel_ptr + xs, mask=xs < X, other=0.0, cache_modifier=".cg"), BXP, SP)
+
+
+@triton.jit
+def _pick(w, BXP: tl.constexpr, SP: tl.constexpr):
+    """Routing weights w (BXP,) of one row -> the picked experts (nonzero weights) in increasing index order
+    (SP,), their weights (SP,), and which slots hold one."""
+    xs = tl.arange(0, BXP)
     picked = (w != 0.0).to(tl.int32)
     hit = (picked[None, :] != 0) & ((tl.cumsum(picked, axis=0) - 1)[None, :] == tl.arange(0, SP)[:, None])
     es = tl.sum(tl.where(hit, xs[None, :], 0), axis=1)
@@ -379,10 +439,31 @@ def _picked_experts(wsel_ptr, X, BXP: tl.constexpr, SP: tl.constexpr):
 
 
 @triton.jit
+def _gate_up(h_ptr, s_hb, nw_ptr, eps, wg0, wu0, wg_ptr, wu_ptr, f0, F, B, H, BB: tl.constexpr, BF: tl.constexpr,
+             BK: tl.constexpr, IEEE: tl.constexpr, DOT: tl.constexpr, a_ptr=None, ACC: tl.constexpr = False):
+    """(BB, BF) fp32 = silu(gate x) * up x for gate/up rows [f0, f0 + BF) (row-major (F, H) weights whose first
+    tiles wg0, wu0 the caller loaded) and x = RMSNorm(h) (+ a, see _x_tile): gate and up in one pass over H,
+    the norm as in _matmul, rounded where the eager layers round."""
+    dt = h_ptr.dtype.element_ty
+    x, ss = _x_tile(h_ptr, s_hb, nw_ptr, B, 0, H, BB, BK, True, a_ptr, ACC)
+    g = _mm(x, wg0, IEEE, DOT)
+    up = _mm(x, wu0, IEEE, DOT)
+    for k0 in range(BK, H, BK):
+        x, s = _x_tile(h_ptr, s_hb, nw_ptr, B, k0, H, BB, BK, True, a_ptr, ACC)
+        ss += s
+        g += _mm(x, _w_tile(wg_ptr, H, f0, F, k0, H, BF, BK), IEEE, DOT)
+        up += _mm(x, _w_tile(wu_ptr, H, f0, F, k0, H, BF, BK), IEEE, DOT)
+    rstd = (1.0 / tl.sqrt(ss / H + eps))[:, None]
+    g = (g * rstd).to(dt).to(tl.float32)
+    return (g * tl.sigmoid(g)).to(dt).to(tl.float32) * (up * rstd).to(dt).to(tl.float32)
+
+
+@triton.jit
 def ffn_up_kernel(
-    h_ptr, s_hb, nw_ptr, eps, wg_ptr, wu_ptr, s_we, act_ptr, wsel_ptr, B, H, F, X,
+    h_ptr, s_hb, a_ptr, nw_ptr, eps, wg_ptr, wu_ptr, s_we, act_ptr, wsel_ptr, B, H, F, X,
     ROUTED: tl.constexpr, SP: tl.constexpr, BXP: tl.constexpr, BB: tl.constexpr, BF: tl.constexpr,
     BK: tl.constexpr, IEEE: tl.constexpr, DOT: tl.constexpr, PDL: tl.constexpr, NRB: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """Grid (cdiv(F, BF) * NRB, X), or (cdiv(F, BF), top-k) with SP > 0 (one row: program_id(1) is a slot of
     _picked_experts). Expert e of a MoE (ROUTED: rows with wsel[e, b] != 0, from router_kernel) or the
@@ -390,6 +471,7 @@ def ffn_up_kernel(
     expert no row picked reads no weights (so a MoE's weights wait for the routing)."""
     pf, r0 = _row_block(tl.program_id(0), NRB, BB)
     h_ptr += r0 * s_hb
+    a_ptr += r0 * s_hb
     act_ptr += r0 * F
     wsel_ptr += r0
     rows = tl.arange(0, BB)
@@ -412,22 +494,12 @@ def ffn_up_kernel(
         e = 0
         go = B > 0
     if go:
-        # gate and up rows of this block in one pass over H (the norm as in _matmul)
         wg0 = _w_tile(wg_ptr + e * s_we, H, f0, F, 0, H, BF, BK)
         wu0 = _w_tile(wu_ptr + e * s_we, H, f0, F, 0, H, BF, BK)
         if not ROUTED:
             _after_previous_kernel(PDL)
-        x, ss = _x_tile(h_ptr, s_hb, nw_ptr, B - r0, 0, H, BB, BK, True)
-        g = _mm(x, wg0, IEEE, DOT)
-        up = _mm(x, wu0, IEEE, DOT)
-        for k0 in range(BK, H, BK):
-            x, s = _x_tile(h_ptr, s_hb, nw_ptr, B - r0, k0, H, BB, BK, True)
-            ss += s
-            g += _mm(x, _w_tile(wg_ptr + e * s_we, H, f0, F, k0, H, BF, BK), IEEE, DOT)
-            up += _mm(x, _w_tile(wu_ptr + e * s_we, H, f0, F, k0, H, BF, BK), IEEE, DOT)
-        rstd = (1.0 / tl.sqrt(ss / H + eps))[:, None]
-        g = (g * rstd).to(dt).to(tl.float32)
-        a = (g * tl.sigmoid(g)).to(dt).to(tl.float32) * (up * rstd).to(dt).to(tl.float32)
+        a = _gate_up(h_ptr, s_hb, nw_ptr, eps, wg0, wu0, wg_ptr + e * s_we, wu_ptr + e * s_we, f0, F, B - r0, H,
+                     BB, BF, BK, IEEE, DOT, a_ptr, ACC)
         fs = f0 + tl.arange(0, BF)
         tl.store(act_ptr + e * B * F + rows[:, None] * F + fs[None, :], a.to(dt), mask=rmask[:, None] & (fs[None, :] < F))
 
@@ -450,10 +522,10 @@ def _slots_mm(act_ptr, es, valid, w, f0, F, BF: tl.constexpr):
 
 @triton.jit
 def down_residual_kernel(
-    act_ptr, wd_ptr, s_we, bias_ptr, wsel_ptr, h_ptr, s_hb, B, H, F, X,
+    act_ptr, wd_ptr, s_we, bias_ptr, wsel_ptr, h_ptr, s_hb, a_ptr, B, H, F, X,
     ROUTED: tl.constexpr, SP: tl.constexpr, BXP: tl.constexpr, HAS_BIAS: tl.constexpr, BB: tl.constexpr,
     BH: tl.constexpr, BF: tl.constexpr, IEEE: tl.constexpr, DOT: tl.constexpr, PDL: tl.constexpr,
-    NRB: tl.constexpr,
+    NRB: tl.constexpr, ACC: tl.constexpr,
 ):
     """Grid (cdiv(H, BH) * NRB,): h[:, block] += the layer output, in place, rounded as the eager layers round.
 
@@ -462,9 +534,11 @@ def down_residual_kernel(
     experts' first weight tiles are read before the wait (the routing is two kernels back), otherwise
     after it, expert by expert. Otherwise one linear layer: out = act @ W^T (+ bias) with act (B, F),
     W (H, F): the MLP's down projection, Mamba's out_proj, attention's o_proj; its first tile is read
-    before the wait. The residual h is read before the wait too (written two or more kernels back)."""
+    before the wait. The residual h is read before the wait too (written two or more kernels back), with ACC
+    the pending output a of a split layer further back added to it (see _x_tile)."""
     hb, r0 = _row_block(tl.program_id(0), NRB, BB)
     h_ptr += r0 * s_hb
+    a_ptr += r0 * s_hb
     act_ptr += r0 * F  # act (B, F) or (X, B, F)
     wsel_ptr += r0
     h0 = hb * BH
@@ -475,7 +549,10 @@ def down_residual_kernel(
     dt = h_ptr.dtype.element_ty
     m2 = rmask[:, None] & hmask[None, :]
     hp = h_ptr + rows[:, None] * s_hb + hs[None, :]
-    hv = tl.load(hp, mask=m2, other=0.0, cache_modifier=".cg").to(tl.float32)
+    hv = tl.load(hp, mask=m2, other=0.0, cache_modifier=".cg")
+    if ACC:
+        hv = _pending_add(hv, a_ptr + rows[:, None] * s_hb + hs[None, :], m2)
+    hv = hv.to(tl.float32)
     out = tl.zeros((BB, BH), tl.float32)
     if ROUTED:
         if SP > 0:
@@ -514,6 +591,89 @@ def down_residual_kernel(
             out += tl.load(bias_ptr + hs, mask=hmask, other=0.0).to(tl.float32)[None, :]
         out = out.to(dt).to(tl.float32)
     tl.store(hp, (hv + out).to(dt), mask=m2)
+
+
+@triton.jit
+def _materialize(h_ptr, a_ptr, ho_ptr, H, BH: tl.constexpr):
+    """ho = h + the pending output a (rounded as in _x_tile): the residual stream a split layer's own output
+    goes onto, written for the kernels after it (which read ho and that layer's accumulator)."""
+    for h0 in range(0, H, BH):
+        hs = h0 + tl.arange(0, BH)
+        m = hs < H
+        tl.store(ho_ptr + hs, _pending_add(tl.load(h_ptr + hs, mask=m, other=0.0), a_ptr + hs, m), mask=m)
+
+
+@triton.jit
+def _split_w(wt_ptr, K, k0, H, h0, BH: tl.constexpr, BK: tl.constexpr):
+    """The block W[h0:h0+BH, k0:k0+BK] of a linear layer's weight W (H, K), read from its transpose (K, H) as
+    (BK, BH): BK whole rows of it, where W's own rows would give BK-element pieces of H rows."""
+    return _w_tile(wt_ptr, H, k0, K, h0, H, BK, BH)
+
+
+@triton.jit
+def _down_split(w0, wt_ptr, K, k0, x, scale, ao_ptr, H, BH: tl.constexpr, BK: tl.constexpr):
+    """ao[:H] += scale * W[:, k0:k0+BK] @ x, by fp32 atomic adds: this program's share of a linear layer whose
+    reduction is split over the programs (x (1, BK) fp32, 0 past K; W (H, K) read from its transpose; the first
+    block w0 = _split_w(..., h0=0, ...) loaded by the caller)."""
+    hs = tl.arange(0, BH)
+    xs = x[:, :, None]
+    tl.atomic_add(ao_ptr + hs, tl.sum(tl.sum(xs * w0.to(tl.float32)[None, :, :], axis=1), axis=0) * scale,
+                  mask=hs < H, sem="relaxed")
+    for h0 in range(BH, H, BH):
+        w = _split_w(wt_ptr, K, k0, H, h0, BH, BK)
+        tl.atomic_add(ao_ptr + h0 + hs, tl.sum(tl.sum(xs * w.to(tl.float32)[None, :, :], axis=1), axis=0) * scale,
+                      mask=h0 + hs < H, sem="relaxed")
+
+
+@triton.jit
+def _swiglu_down(h_ptr, a_ptr, nw_ptr, eps, wg0, wu0, wd0, wg_ptr, wu_ptr, wd_ptr, f0, F, H, scale, ao_ptr,
+                 BF: tl.constexpr, BK: tl.constexpr, BH: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr):
+    """One row's F block of an MLP: act = silu(gate x) * up x (_gate_up), then its share of the down projection
+    (H, F), times scale, added to ao (_down_split)."""
+    act = _gate_up(h_ptr, H, nw_ptr, eps, wg0, wu0, wg_ptr, wu_ptr, f0, F, 1, H, 1, BF, BK, IEEE, False, a_ptr, ACC)
+    _down_split(wd0, wd_ptr, F, f0, act, scale, ao_ptr, H, BH, BF)
+
+
+@triton.jit
+def ffn_split_kernel(
+    h_ptr, a_ptr, ho_ptr, ao_ptr, nw_ptr, eps, wr_ptr, wg_ptr, wu_ptr, s_we, wd_ptr, s_wde, H, F, X,
+    ACC: tl.constexpr, ROUTED: tl.constexpr, TOPK: tl.constexpr, BXP: tl.constexpr, SP: tl.constexpr,
+    BF: tl.constexpr, BK: tl.constexpr, BH: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
+):
+    """Grid (cdiv(F, BF), top-k or 1), one row: a whole MLP or MoE layer in one kernel, its down projection
+    split over the programs' F blocks (wd: the down weight transposed, (F, H), or the experts' (X, F, H)). x = RMSNorm(h (+ a, ACC)); MoE (ROUTED): every program computes the
+    row's routing (router logits from the router weight it read before the wait, softmax, top-k) and takes
+    the expert of its slot; then act = silu(gate x) * up x for its F block and ao += w_e * down[:, F block]
+    @ act (_down_split). ao, zeroed before the step, holds the layer's output until the kernels after it add
+    it to the residual (_x_tile); with ACC, program (0, 0) writes that residual, h + a, to ho. The dense
+    MLP's weights are read before the wait, the experts' after the routing."""
+    pf = tl.program_id(0)
+    slot = tl.program_id(1)
+    f0 = pf * BF
+    dt = h_ptr.dtype.element_ty
+    if ROUTED:
+        wr0 = _w_tile(wr_ptr, H, 0, X, 0, H, BXP, BK)
+        _after_previous_kernel(PDL)
+        logits = _matmul(h_ptr, H, nw_ptr, eps, wr0, wr_ptr, H, 0, X, 1, H, 1, BXP, BK, True, True, False, a_ptr,
+                         ACC)
+        es, ws, valid = _pick(_top_k(tl.sum(logits, axis=0).to(dt).to(tl.float32), X, TOPK, BXP, dt), BXP, SP)
+        here = tl.arange(0, SP) == slot
+        e = tl.sum(tl.where(here, es, 0), axis=0).to(tl.int64)
+        if tl.sum(tl.where(here & valid, 1, 0), axis=0) != 0:
+            wg, wu, wd = wg_ptr + e * s_we, wu_ptr + e * s_we, wd_ptr + e * s_wde
+            _swiglu_down(h_ptr, a_ptr, nw_ptr, eps, _w_tile(wg, H, f0, F, 0, H, BF, BK),
+                         _w_tile(wu, H, f0, F, 0, H, BF, BK), _split_w(wd, F, f0, H, 0, BH, BF), wg, wu, wd, f0, F, H,
+                         tl.sum(tl.where(here, ws, 0.0), axis=0), ao_ptr, BF, BK, BH, IEEE, ACC)
+    else:
+        wg0 = _w_tile(wg_ptr, H, f0, F, 0, H, BF, BK)
+        wu0 = _w_tile(wu_ptr, H, f0, F, 0, H, BF, BK)
+        wd0 = _split_w(wd_ptr, F, f0, H, 0, BH, BF)
+        _after_previous_kernel(PDL)
+        _swiglu_down(h_ptr, a_ptr, nw_ptr, eps, wg0, wu0, wd0, wg_ptr, wu_ptr, wd_ptr, f0, F, H, 1.0, ao_ptr, BF, BK,
+                     BH, IEEE, ACC)
+    if ACC:
+        if (pf == 0) & (slot == 0):
+            _materialize(h_ptr, a_ptr, ho_ptr, H, BH)
 
 
 @triton.jit

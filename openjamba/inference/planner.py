@@ -11,6 +11,8 @@
   power of two from DEFAULT_CHUNK down to MIN_CHUNK whose plan fits the budget: large batches prefill in
   shorter chunks instead of being refused.
 - decode workspace: attention scores over the whole cache, logits, MoE temporaries of one step.
+- step copies: at one row, the fused step's transposed copies of its split layers' last projections
+  (fused.SPLIT_DEFAULT: the Mamba mixers' out_proj), resident beside the weights.
 - reserve: allocator slack and library workspaces (cuBLAS, CUDA graph pools): a fixed amount plus a fraction.
 """
 
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..memory import format_bytes as _format_bytes
+from .fused import GEMV_MAX_ROWS, SPLIT_DEFAULT
 
 
 def format_bytes(n: float) -> str:
@@ -49,11 +52,12 @@ class MemoryPlan:
     reserve: int
     budget: int | None
     detail: dict = field(default_factory=dict)
+    step_copies: int = 0
 
     @property
     def total(self) -> int:
-        return (self.weights + self.kv_cache + self.mamba_state + max(self.prefill_peak, self.decode_workspace)
-                + self.reserve)
+        return (self.weights + self.step_copies + self.kv_cache + self.mamba_state
+                + max(self.prefill_peak, self.decode_workspace) + self.reserve)
 
     @property
     def fits(self) -> bool:
@@ -65,6 +69,8 @@ class MemoryPlan:
                  f"Mamba state {format_bytes(self.mamba_state)}",
                  f"prefill peak {format_bytes(self.prefill_peak)} (chunk {d.get('chunk_size')})",
                  f"decode workspace {format_bytes(self.decode_workspace)}", f"reserve {format_bytes(self.reserve)}"]
+        if self.step_copies:
+            parts.insert(1, f"fused step's weight copies {format_bytes(self.step_copies)}")
         head = (f"batch {d.get('batch')} x context {d.get('context')} tokens in {d.get('dtype')}: "
                 f"needs {format_bytes(self.total)}")
         budget = "no budget given" if self.budget is None else f"budget {format_bytes(self.budget)}"
@@ -147,12 +153,19 @@ def plan_memory(config, dtype=torch.bfloat16, batch: int = 1, context: int = 204
     moe_dec = batch * X * 4 * F * nb if has_moe else 0
     decode_ws = scores + batch * V * 4 * 4 + moe_dec + 8 * batch * max(H, Di * N) * 4
 
-    subtotal = weights + kv + mamba + key_mask + max(prefill_peak, decode_ws)
+    # one row: the fused step's transposed copies of its split layers' last projections
+    copies = 0
+    if batch <= GEMV_MAX_ROWS:
+        per_kind = {"mamba": len(config.mamba_layer_ids) * Di * H,
+                    "mlp": sum(not config.is_moe(i) for i in range(config.num_hidden_layers)) * F * H,
+                    "moe": sum(config.is_moe(i) for i in range(config.num_hidden_layers)) * X * F * H}
+        copies = sum(per_kind[k] for k in SPLIT_DEFAULT) * nb
+    subtotal = weights + copies + kv + mamba + key_mask + max(prefill_peak, decode_ws)
     reserve = RESERVE_FIXED + int(RESERVE_FRACTION * subtotal)
     detail = dict(batch=batch, context=context, chunk_size=C, dtype=str(dtype).replace("torch.", ""),
                   mamba_act=mamba_act if has_mamba else 0, attn_act=attn_act if has_attn else 0, ffn_act=ffn_act,
                   key_mask=key_mask)
-    return MemoryPlan(weights, kv, mamba + key_mask, prefill_peak, decode_ws, reserve, budget, detail)
+    return MemoryPlan(weights, kv, mamba + key_mask, prefill_peak, decode_ws, reserve, budget, detail, copies)
 
 
 def max_batch(config, dtype, context: int, budget: int, chunk_size: int | None = None, cap: int = 1024,

@@ -28,11 +28,11 @@ def _model(dtype=torch.float32, **overrides):
     return model.to(device=DEVICE, dtype=dtype)
 
 
-def _compare(model, batch, steps, rtol, atol, **options):
+def _compare(model, batch, steps, rtol, atol, fused=None, **options):
     """Teacher-forced steps through both; logits and every cache tensor compared after each step."""
     cfg = model.config
     ref_cache, cache = model.new_cache(batch, steps + 4), model.new_cache(batch, steps + 4)
-    fused = FusedDecodeStep(model, batch, **options)
+    fused = fused or FusedDecodeStep(model, batch, **options)
     ids = torch.randint(0, cfg.vocab_size, (batch, steps), device=DEVICE)
     with torch.no_grad():
         for t in range(steps):
@@ -168,9 +168,61 @@ def test_x_proj_partials_reduced_in_slices_fp32():
     _compare(_model(), batch=1, steps=3, rtol=1e-5, atol=1e-5, tiles={"mamba_ssm": {"BP": 2}})
 
 
-def test_fused_step_follows_static_step_bf16():
+@pytest.mark.parametrize("batch", [1, 2])  # split layers (fp32 sums of the split projections) and the dot form
+def test_fused_step_follows_static_step_bf16(batch):
     """Rounded where the modules round: within a couple of bf16 steps of the static step."""
-    _compare(_model(torch.bfloat16), batch=2, steps=4, rtol=2e-2, atol=2e-2)
+    _compare(_model(torch.bfloat16), batch=batch, steps=4, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(expert_layer_period=1, expert_layer_offset=0, mamba_proj_bias=True)])
+def test_one_row_without_split_layers_fp32(overrides):
+    """One row takes split layers by default (a layer's last projection summed by atomic adds); the kernel
+    chain they replace (a down_residual kernel per layer) still runs on request."""
+    model = _model(**overrides)
+    assert FusedDecodeStep(model, 1).split and not FusedDecodeStep(model, 1, split=False).split
+    _compare(model, batch=1, steps=4, rtol=1e-5, atol=1e-5, split=False)
+
+
+def test_split_layers_follow_weights_changed_in_place_fp32():
+    """Split layers read transposed copies of their last projections (out_proj, down), made with the step; a
+    weight changed in place afterwards (a training step, a checkpoint loaded into the model) is copied again
+    before the next step."""
+    model = _model()
+    fused = FusedDecodeStep(model, 1, split=True)
+    assert len(fused._copies) == 7  # 3 Mamba out_proj, 2 MLP down projections, 2 MoE layers' expert down ones
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "out_proj" in name or "down_proj" in name:
+                p.mul_(-1.5)
+    _compare(model, batch=1, steps=2, rtol=1e-5, atol=1e-5, fused=fused)
+    assert fused.sync_copies() == 0
+
+
+def test_split_layers_are_one_row_only_and_off_under_deterministic_algorithms():
+    model = _model()
+    assert not FusedDecodeStep(model, 3).split
+    with pytest.raises(ValueError, match="split layers run one row only"):
+        FusedDecodeStep(model, 3, split=True)
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert not FusedDecodeStep(model, 1).split  # atomics add in no fixed order
+        assert FusedDecodeStep(model, 1, split=True).split
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.parametrize("split", [True, {"mamba"}, {"mlp", "moe"}, {"moe"}])
+def test_split_layers_pass_pending_outputs_through_every_kernel_fp32(split):
+    """Layer kinds in every order, split or not: attention after a split layer (its qkv and o_proj read the
+    pending output), a split Mamba mixer straight after a split MoE, the router, ffn_up and down_residual of
+    an unsplit MLP or MoE after a split layer, and the lm_head after the last."""
+    model = _model(attn_layer_period=2, attn_layer_offset=0, expert_layer_period=3, expert_layer_offset=1,
+                   num_hidden_layers=6)
+    kinds = [(layer.is_attention, layer.is_moe) for layer in model.model.layers]
+    assert (True, False) in kinds and (False, True) in kinds and (True, True) in kinds
+    _compare(model, batch=1, steps=3, rtol=1e-5, atol=1e-5, split=split)
+    with pytest.raises(ValueError, match=r"unknown layer kinds \['attention'\]"):
+        FusedDecodeStep(model, 1, split={"attention", "mamba"})
 
 
 def test_generator_fused_greedy_tokens_equal_static():

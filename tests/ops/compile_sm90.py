@@ -5,9 +5,9 @@ The kernels' launches are recorded instead of run: each wrapper (the selective s
 its chunked passes, the causal conv and its backward and update, the state update, the cross-entropy
 forward and backward, the experts' gated activation both ways, AdamW with a float and a device learning
 rate, the fused decoding step in both matmul forms, with and without programmatic
-dependent launch) is called on CPU tensors with its kernels replaced by recorders, then every distinct
-launch is compiled with Triton's NVIDIA backend (ptxas ships with Triton). Prints one JSON line per
-compiled kernel; exits non-zero on the first failure.
+dependent launch, one row with and without split layers) is called on CPU tensors with its kernels
+replaced by recorders, then every distinct launch is compiled with Triton's NVIDIA backend (ptxas ships
+with Triton). Prints one JSON line per compiled kernel; exits non-zero on the first failure.
 """
 
 from __future__ import annotations
@@ -117,8 +117,9 @@ def run_wrappers() -> None:
     fused.fused_unavailable = lambda model, batch: None
     fused.pdl_unavailable = lambda device: None
     model = JambaForCausalLM(JambaConfig.from_name("jamba-tiny")).to(torch.bfloat16).eval()
-    for batch, pdl in ((1, True), (1, False), (3, True), (3, False)):
-        step = fused.FusedDecodeStep(model, batch, pdl=pdl)
+    for batch, pdl, split in ((1, True, True), (1, False, True), (1, True, False), (3, True, None),
+                              (3, False, None)):
+        step = fused.FusedDecodeStep(model, batch, pdl=pdl, split=split)
         step.ieee, step.elsize = False, 2  # bf16 tensor-core dots, as on a GPU
         with torch.no_grad():
             step(model, torch.zeros(batch, 1, dtype=torch.long), model.new_cache(batch, 16))
@@ -133,8 +134,8 @@ def main() -> int:
     record("openjamba.ops.moe.swiglu", "_swiglu_fwd_kernel", "_swiglu_bwd_kernel")
     record("openjamba.ops.adamw.triton", "_adamw_kernel")
     record("openjamba.inference.fused_kernels", "norm_linear_kernel", "qkv_kernel", "mamba_in_kernel",
-           "mamba_ssm_kernel", "router_kernel", "ffn_up_kernel", "down_residual_kernel", "attn_split_kernel",
-           "attn_combine_kernel")
+           "mamba_ssm_kernel", "router_kernel", "ffn_up_kernel", "down_residual_kernel", "ffn_split_kernel",
+           "attn_split_kernel", "attn_combine_kernel")
     run_wrappers()
     seen = set()
     for fn, args, kwargs in launches:

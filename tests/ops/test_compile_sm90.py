@@ -32,7 +32,7 @@ def test_every_kernel_compiles_for_sm90():
     names = {d["kernel"] for d in done}
     assert names == {"scan_fwd_kernel", "scan_bwd_kernel", "_conv_fwd_kernel", "_conv_bwd_kernel",
                      "_conv_update_kernel", "_ssu_kernel", "norm_linear_kernel", "qkv_kernel",
-                     "mamba_in_kernel", "mamba_ssm_kernel", "router_kernel", "ffn_up_kernel", "down_residual_kernel",
+                     "mamba_in_kernel", "mamba_ssm_kernel", "router_kernel", "ffn_up_kernel", "down_residual_kernel", "ffn_split_kernel",
                      "attn_split_kernel", "attn_combine_kernel", "_ce_fwd_kernel", "_ce_bwd_kernel",
                      "_swiglu_fwd_kernel", "_swiglu_bwd_kernel", "_adamw_kernel"}, names
     assert all(d["cubin_bytes"] > 0 for d in done)
