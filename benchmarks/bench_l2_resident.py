@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         raise SystemExit("bench_l2_resident needs a CUDA GPU (graph replays of the fused kernels)")
     model = build_model(JambaConfig.from_name(args.preset), "cuda", torch.bfloat16)
-    step = FusedDecodeStep(model, 1)
+    step = FusedDecodeStep(model, 1, split=False)  # the kernel chain: each piece updates h in place
     cache = model.new_cache(1, 2048)
     layers = list(model.model.layers)
     index = {id(layer): i for i, layer in enumerate(layers)}

@@ -546,7 +546,7 @@ def main(argv=None) -> int:
         ref = eager_mlp_stack(h0.clone(), layers, 8)
     rows = []
     bad = []  # persistent variants whose result strays from eager by more than the fused step's does
-    step = FusedDecodeStep(model, 1)
+    step = FusedDecodeStep(model, 1, split=False)  # the kernel chain: each piece updates h in place
     for order in ("layers in turn", "same layer"):
         seq = layers if order == "layers in turn" else layers[:1]
 

@@ -122,9 +122,10 @@ class Generator:
         self._graph, self._graph_logits = None, None
         if mode == "graph":
             self._capture_with_fallback()
-        logger.info("Generator: mode %s, step %s%s, batch %d, max_length %d, MoE %s", mode, self.step,
-                    " (programmatic dependent launch)" if getattr(self._step, "pdl", False) else "", batch_size,
-                    max_length, self.moe_impl)
+        split = sorted(getattr(self._step, "split", ()))
+        logger.info("Generator: mode %s, step %s%s%s, batch %d, max_length %d, MoE %s", mode, self.step,
+                    " (programmatic dependent launch)" if getattr(self._step, "pdl", False) else "",
+                    f" (split layers: {', '.join(split)})" if split else "", batch_size, max_length, self.moe_impl)
 
     def _choose_step(self, step: str, moe_impl: str) -> str:
         if step == "fused":

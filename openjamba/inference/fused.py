@@ -292,7 +292,7 @@ class FusedDecodeStep:
 
     def _copy(self, w):
         with torch.inference_mode(False), torch.no_grad():  # a normal tensor: refreshed in place in any mode
-            self._copies[w] = [w.detach().transpose(-1, -2).contiguous(), w._version]
+            self._copies[w] = [w.detach().transpose(-1, -2).contiguous(), (w._version, w.data_ptr())]
 
     def _w(self, w):
         """A split layer's last projection (..., H, K) as its kernel reads it: the transposed copy (..., K, H)."""
@@ -305,10 +305,11 @@ class FusedDecodeStep:
         were refreshed."""
         n = 0
         for w, entry in self._copies.items():
-            if w._version != entry[1]:
+            now = (w._version, w.data_ptr())  # written in place, or given new storage (`.data = ...`)
+            if now != entry[1]:
                 with torch.no_grad():
                     entry[0].copy_(w.detach().transpose(-1, -2))
-                entry[1] = w._version
+                entry[1] = now
                 n += 1
         return n
 

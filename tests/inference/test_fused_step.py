@@ -196,6 +196,10 @@ def test_split_layers_follow_weights_changed_in_place_fp32():
                 p.mul_(-1.5)
     _compare(model, batch=1, steps=2, rtol=1e-5, atol=1e-5, fused=fused)
     assert fused.sync_copies() == 0
+    out_proj = model.model.layers[0].mamba.out_proj
+    out_proj.weight.data = out_proj.weight.data * 0.5  # new storage, same version counter
+    assert fused.sync_copies() == 1
+    _compare(model, batch=1, steps=2, rtol=1e-5, atol=1e-5, fused=fused)
 
 
 def test_split_layers_are_one_row_only_and_off_under_deterministic_algorithms():
