@@ -1,6 +1,7 @@
 """Memory planning: will (config, dtype, batch, context, prefill chunk) fit, decided before allocating.
 
-    total = weights + KV cache + Mamba state + max(prefill activation peak, decode workspace) + reserve
+    total = weights + step copies + KV cache + Mamba state + max(prefill activation peak, decode workspace)
+            + reserve
 
 - weights: every parameter (all experts are resident).
 - KV cache and Mamba state: exactly what HybridCache allocates (plus its key mask).

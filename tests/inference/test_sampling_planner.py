@@ -63,6 +63,19 @@ def test_plan_counts_the_cache_exactly():
     assert p.kv_cache == cache.nbytes()["kv"]
 
 
+def test_plan_counts_the_fused_steps_weight_copies_at_one_row():
+    """One row's fused step splits the Mamba mixers and holds a transposed copy of each out_proj: the same
+    bytes as the model's own (jamba-1b: 14 x 2048 x 1024 bf16 = 56 MiB), counted beside the weights."""
+    cfg = JambaConfig.from_name("jamba-1b")
+    one, two = (plan_memory(cfg, torch.bfloat16, batch=b, context=4096, chunk_size=1024) for b in (1, 2))
+    assert one.step_copies == 14 * 2048 * 1024 * 2 and two.step_copies == 0
+    assert "fused step's weight copies 56.00 MiB" in one.describe()
+    tiny = JambaForCausalLM(JambaConfig.from_name("jamba-tiny"))
+    plan = plan_memory(tiny.config, torch.float32, batch=1, context=64)
+    assert plan.step_copies == sum(layer.mamba.out_proj.weight.nbytes for layer in tiny.model.layers
+                                   if not layer.is_attention)
+
+
 def test_planner_refuses_with_the_numbers():
     cfg = JambaConfig.from_name("jamba-1b")
     plan = plan_memory(cfg, torch.bfloat16, batch=1, context=1_048_576, chunk_size=16384, budget=2 * 2 ** 30)
