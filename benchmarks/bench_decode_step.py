@@ -13,7 +13,7 @@ For each batch: the graph-replayed milliseconds per token of the fused, static a
 (measured one after another on the same model and cache size; the Generator's step with its greedy
 pick), the fused step's graph alone with and without programmatic dependent launch (PDL), and one
 torch.profiler pass over the fused step launched eagerly (kernels per token, GPU time per kernel), and at
-batch 1 the graph alone with split layers and with the kernel chain they replace.
+batch 1 the graph alone with the default split layers and with the kernel chain they replace.
 --sweep times the fused step with each candidate tile configuration of one kernel family at a time
 (coordinate descent from the defaults in inference/fused.py) and reports the best; the defaults there
 come from such sweeps. --sweep-rows does the same for the tensor-core tiles at large batches
@@ -54,8 +54,10 @@ GEMV_CANDIDATES = {
     "mamba_out": [dict(BD=16, BH=1024, warps=4), dict(BD=16, BH=1024, warps=8), dict(BD=16, BH=512, warps=4),
                   dict(BD=32, BH=512, warps=8)],
 }
-# the families a one-row step runs with split layers (the others: the kernel chain, split=False)
-SPLIT_FAMILIES = ("ffn_split", "mamba_out", "mamba_in", "norm_linear")
+# the families only split layers use (ffn_split: the MLP and MoE split, not the default) and those the split
+# Mamba mixer leaves unused
+SPLIT_ONLY = ("ffn_split", "mamba_out")
+UNUSED_WITH_SPLIT = ("mamba_ssm",)  # (its x_proj partials tile BP is still read, but not swept)
 # candidate tensor-core tiles per kernel family for batches past one row block; the first of each is the
 # dot column of fused.TILES
 DOT_CANDIDATES = {
@@ -180,11 +182,10 @@ def main(argv=None) -> int:
         for pdl in (True, False):
             record[f"fused_graph_pdl_{pdl}_b{batch}_ms"] = ms = fused_graph_ms(model, batch, args.context, pdl=pdl)
             print(f"batch {batch:3d} fused graph alone, PDL {'on ' if pdl else 'off'} {ms:.4f} ms/token", flush=True)
-        if batch == 1:
-            for split in (True, False):
-                record[f"fused_graph_split_{split}_b1_ms"] = ms = fused_graph_ms(model, 1, args.context, split=split)
-                print(f"batch   1 fused graph alone, split layers {'on ' if split else 'off'} {ms:.4f} ms/token",
-                      flush=True)
+        if batch == 1:  # the default split layers against none
+            for name, split in (("default", None), ("none", False)):
+                record[f"fused_graph_split_{name}_b1_ms"] = ms = fused_graph_ms(model, 1, args.context, split=split)
+                print(f"batch   1 fused graph alone, split layers {name:<7} {ms:.4f} ms/token", flush=True)
     if args.split_kinds:  # two rounds, every variant once per round
         variants = [("none", False)] + [(k, (k,)) for k in SPLIT_KINDS] + [("default", None), ("all", True)]
         for r in range(2):
@@ -192,11 +193,13 @@ def main(argv=None) -> int:
                 ms = fused_graph_ms(model, 1, args.context, split=split)
                 record.setdefault("split_kinds_b1_ms", {}).setdefault(name, []).append(ms)
                 print(f"batch   1 fused graph alone, split {name:<8} {ms:.4f} ms/token", flush=True)
-    if args.sweep:  # one row: the split layers' kernels, then the chain's (split off)
-        record["sweep_b1"] = sweep(model, 1, args.context, {k: v for k, v in GEMV_CANDIDATES.items()
-                                                            if k in SPLIT_FAMILIES})
-        record["sweep_b1_chain"] = sweep(model, 1, args.context, {k: v for k, v in GEMV_CANDIDATES.items()
-                                                                  if k not in ("ffn_split", "mamba_out")}, split=False)
+    if args.sweep:  # one row: the default step, every kind split, and the kernel chain (split off)
+        record["sweep_b1"] = sweep(model, 1, args.context, {
+            k: v for k, v in GEMV_CANDIDATES.items() if k not in UNUSED_WITH_SPLIT and k != "ffn_split"})
+        record["sweep_b1_split_all"] = sweep(model, 1, args.context, {"ffn_split": GEMV_CANDIDATES["ffn_split"]},
+                                             split=True)
+        record["sweep_b1_chain"] = sweep(model, 1, args.context, {
+            k: v for k, v in GEMV_CANDIDATES.items() if k not in SPLIT_ONLY}, split=False)
     for batch in (int(b) for b in args.sweep_rows.split(",") if b):
         record[f"sweep_b{batch}"] = sweep(model, batch, args.context, DOT_CANDIDATES, reps=30)
     with open(args.out, "w") as f:

@@ -106,3 +106,22 @@ def test_decode_step_tracer_threads_its_table_through_every_kernel():
     assert src.count("    _trace_end(TR, KSEQ)\n") == len(names)
     assert src.count("_after_previous_kernel(PDL, TR, KSEQ)") == open(fused_kernels.__file__).read().count(
         "_after_previous_kernel(PDL)")
+
+
+def test_tile_sweeps_start_from_the_default_tiles():
+    """bench_decode_step's coordinate descent starts each family at its first candidate, which must be the
+    tiles the fused step uses by default (fused.TILES), so a sweep's best is never worse than the default."""
+    import os
+    import sys
+
+    from openjamba.inference import fused
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
+    try:
+        import bench_decode_step
+    finally:
+        sys.path.pop(0)
+    for column, candidates in ((0, bench_decode_step.GEMV_CANDIDATES), (1, bench_decode_step.DOT_CANDIDATES)):
+        for family, cands in candidates.items():
+            assert cands[0] == fused.TILES[family][column], (family, cands[0])
+    assert set(bench_decode_step.SPLIT_ONLY) <= set(bench_decode_step.GEMV_CANDIDATES)
