@@ -86,7 +86,7 @@ TILES = {
     "down": (dict(BH=4, BF=4096, warps=4), dict(BH=16, BF=512, warps=4)),
     "down_moe": (dict(BH=2, BF=4096, warps=4), dict(BH=16, BF=512, warps=4)),
     # split layers (one row only, the same in both columns): BH output rows per block of the split down
-    # projection's atomic adds
+    # projection's atomic adds; these two may also carry "maxnreg", a cap on registers per thread
     "ffn_split": (dict(BF=8, BK=1024, BH=1024, warps=4),) * 2,
     "mamba_out": (dict(BD=16, BH=1024, warps=4),) * 2,
 }
@@ -171,6 +171,11 @@ def _regs(t: dict) -> dict:
     return {"maxnreg": t["maxnreg"]} if t.get("maxnreg") else {}
 
 
+def _ffn_kind(layer) -> str:
+    """The split kind of a layer's feed-forward: "moe" or "mlp"."""
+    return "moe" if layer.is_moe else "mlp"
+
+
 def _or(x, default):
     """x, or default where x is None (a kernel argument the kernel does not read)."""
     return default if x is None else x
@@ -251,9 +256,8 @@ class FusedDecodeStep:
         for layer in model.model.layers:
             if not layer.is_attention and "mamba" in self.split:
                 self._copy(layer.mamba.out_proj.weight)
-            ff = layer.feed_forward
-            if ("moe" if layer.is_moe else "mlp") in self.split:
-                self._copy(ff.experts.down_proj if layer.is_moe else ff.down_proj.weight)
+            if _ffn_kind(layer) in self.split:
+                self._copy(self._ffn_weights(layer)[3])
 
     def _k(self, bk: int, wrows: int, k: int) -> int:
         """The reduction tile for this batch and reduction length k. GEMV tiles hold rows x wrows x tile
@@ -409,22 +413,18 @@ class FusedDecodeStep:
 
     def ffn(self, h, layer, a=None):
         """The MLP or MoE and its residual add: -> (h, a) as in mamba."""
-        ff, norm = layer.feed_forward, layer.pre_ff_layernorm
-        if ("moe" if layer.is_moe else "mlp") in self.split:
+        if _ffn_kind(layer) in self.split:
             return self._ffn_split(h, layer, a)
+        ff, norm = layer.feed_forward, layer.pre_ff_layernorm
         t = self.tiles["ffn_up"]
-        if layer.is_moe:
-            X, routed = ff.num_experts, True
-            gu, wd = ff.experts.gate_up_proj, ff.experts.down_proj
-            wg, wu, s_up = gu, gu[:, self.F:], gu.stride(0)
+        X, wg, wu, wd, s_up = self._ffn_weights(layer)
+        routed = layer.is_moe
+        if routed:
             bxp = _pow2(X, 2)
             self.fk.router_kernel[(self.B,)](  # the whole router weight in one tile up to 8K elements
                 h, h.stride(0), _or(a, h), norm.weight, norm.eps, ff.router.weight, self.wsel, self.B, self.H, X,
                 TOPK=self.K, BXP=bxp, BK=min(_pow2(self.H), max(256, 8192 // bxp)), PDL=self.pdl,
                 ACC=a is not None, num_warps=4, launch_pdl=self.pdl)
-        else:
-            X, routed = 1, False
-            wg, wu, wd, s_up = ff.gate_proj.weight, ff.up_proj.weight, ff.down_proj.weight, 0
         sp = self.slots if routed else 0  # one row: a program per F block and picked expert, not per expert
         self.fk.ffn_up_kernel[(-(-self.F // t["BF"]) * self.NRB, self.K if sp else X)](
             h, h.stride(0), _or(a, h), norm.weight, norm.eps, wg, wu, s_up, self.act, self.wsel, self.B, self.H,
@@ -434,17 +434,22 @@ class FusedDecodeStep:
         self.down_residual(h, self.act, wd, routed=routed, X=X, a=a)
         return h, None
 
+    def _ffn_weights(self, layer):
+        """(experts X, gate, up, down, expert stride of gate/up) of a layer's MoE (the experts' fused gate/up
+        (X, 2F, H) and down (X, H, F)) or dense MLP (X = 1)."""
+        ff = layer.feed_forward
+        if layer.is_moe:
+            gu = ff.experts.gate_up_proj
+            return ff.num_experts, gu, gu[:, self.F:], ff.experts.down_proj, gu.stride(0)
+        return 1, ff.gate_proj.weight, ff.up_proj.weight, ff.down_proj.weight, 0
+
     def _ffn_split(self, h, layer, a):
         ff, norm = layer.feed_forward, layer.pre_ff_layernorm
         t = self.tiles["ffn_split"]
         ho, ao = self._split_out(h, a)
-        if layer.is_moe:
-            gu, wd = ff.experts.gate_up_proj, ff.experts.down_proj
-            X, wr, wg, wu = ff.num_experts, ff.router.weight, gu, gu[:, self.F:]
-            s_up, s_down = gu.stride(0), wd.stride(0)
-        else:
-            X, wg, wu, wd, s_up, s_down = 1, ff.gate_proj.weight, ff.up_proj.weight, ff.down_proj.weight, 0, 0
-            wr = wg
+        X, wg, wu, wd, s_up = self._ffn_weights(layer)
+        wr = ff.router.weight if layer.is_moe else wg  # (the dense MLP reads no router)
+        s_down = wd.stride(0) if layer.is_moe else 0
         self.fk.ffn_split_kernel[(-(-self.F // t["BF"]), self.K if layer.is_moe else 1)](
             h, _or(a, h), ho, ao, norm.weight, norm.eps, wr, wg, wu, s_up, self._w(wd), s_down, self.H, self.F, X,
             ACC=a is not None, ROUTED=layer.is_moe, TOPK=self.K, BXP=_pow2(X, 2), SP=_pow2(self.K, 1),

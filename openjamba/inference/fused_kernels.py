@@ -615,14 +615,17 @@ def _down_split(w0, wt_ptr, K, k0, x, scale, ao_ptr, H, BH: tl.constexpr, BK: tl
     """ao[:H] += scale * W[:, k0:k0+BK] @ x, by fp32 atomic adds: this program's share of a linear layer whose
     reduction is split over the programs (x (1, BK) fp32, 0 past K; W (H, K) read from its transpose; the first
     block w0 = _split_w(..., h0=0, ...) loaded by the caller)."""
-    hs = tl.arange(0, BH)
-    xs = x[:, :, None]
-    tl.atomic_add(ao_ptr + hs, tl.sum(tl.sum(xs * w0.to(tl.float32)[None, :, :], axis=1), axis=0) * scale,
-                  mask=hs < H, sem="relaxed")
+    _split_add(w0, x, scale, ao_ptr, 0, H, BH)
     for h0 in range(BH, H, BH):
-        w = _split_w(wt_ptr, K, k0, H, h0, BH, BK)
-        tl.atomic_add(ao_ptr + h0 + hs, tl.sum(tl.sum(xs * w.to(tl.float32)[None, :, :], axis=1), axis=0) * scale,
-                      mask=h0 + hs < H, sem="relaxed")
+        _split_add(_split_w(wt_ptr, K, k0, H, h0, BH, BK), x, scale, ao_ptr, h0, H, BH)
+
+
+@triton.jit
+def _split_add(w, x, scale, ao_ptr, h0, H, BH: tl.constexpr):
+    """ao[h0:h0+BH] += scale * (x @ w) for a block w (BK, BH) from _split_w and x (1, BK) fp32."""
+    hs = h0 + tl.arange(0, BH)
+    out = tl.sum(tl.sum(x[:, :, None] * w.to(tl.float32)[None, :, :], axis=1), axis=0)
+    tl.atomic_add(ao_ptr + hs, out * scale, mask=hs < H, sem="relaxed")
 
 
 @triton.jit
