@@ -6,6 +6,8 @@
     python benchmarks/bench_decode_step.py --sweep-rows 128,256   # sweep the tensor-core tiles at these batches
     python benchmarks/bench_decode_step.py --batches 1 --steps fused --no-profile --split-kinds
                                                             # batch 1: which layer kinds to split
+    python benchmarks/bench_decode_step.py --batches 1 --steps fused --no-profile --chain-floor
+                                                            # batch 1: the same kernels at tiny widths
     python benchmarks/bench_decode_step.py --batches 384,512 --steps fused,static --no-profile --variant mamba
                                                             # step kinds only, the pure Mamba model of the same size
 
@@ -14,6 +16,9 @@ For each batch: the graph-replayed milliseconds per token of the fused, static a
 pick), the fused step's graph alone with and without programmatic dependent launch (PDL), and one
 torch.profiler pass over the fused step launched eagerly (kernels per token, GPU time per kernel), and at
 batch 1 the graph alone with the default split layers and with the kernel chain they replace.
+--chain-floor times, at batch 1, the graph alone of the model and of the same layer schedule at tiny widths
+(TINY_WIDTHS: the same kernels, under 2 MB of weights per token), so the difference is what the weight bytes
+add to the chain of dependent kernels.
 --sweep times the fused step with each candidate tile configuration of one kernel family at a time
 (coordinate descent from the defaults in inference/fused.py) and reports the best; the defaults there
 come from such sweeps. --sweep-rows does the same for the tensor-core tiles at large batches
@@ -74,6 +79,12 @@ DOT_CANDIDATES = {
 }
 
 
+# widths at which a model's active weights are under 2 MB (jamba-1b: 1.7 MB, 0.4 us at 4.27 TB/s): its fused step
+# then times the chain of dependent kernels alone
+TINY_WIDTHS = dict(hidden_size=64, intermediate_size=64, vocab_size=256, num_attention_heads=4,
+                   num_key_value_heads=1, mamba_dt_rank=8)
+
+
 def _at_context(cache, context: int):
     """A synthetic context: the cache's length and device position set without a prefill."""
     cache.length = context
@@ -124,6 +135,21 @@ def fused_kernels(model, batch: int, context: int, top: int = 12) -> dict:
     return profile_kernels(greedy, top, repeats=4)
 
 
+def chain_floor(model, context: int, rounds: int = 3) -> dict:
+    """Batch 1, graph alone, ms per token: the model and the same layer schedule at TINY_WIDTHS, with the default
+    split layers and with none, `rounds` times in turn."""
+    tiny = build_model(model.config.replace(**TINY_WIDTHS), "cuda", torch.bfloat16)
+    out = {}
+    for _ in range(rounds):
+        for name, m in (("tiny_widths", tiny), ("model", model)):
+            for split_name, split in (("default", None), ("none", False)):
+                ms = fused_graph_ms(m, 1, context, split=split)
+                out.setdefault(name, {}).setdefault(split_name, []).append(ms)
+                print(f"batch   1 fused graph alone, {name:<11} split {split_name:<7} {ms:.4f} ms/token", flush=True)
+    out["tiny_widths_config"] = TINY_WIDTHS
+    return out
+
+
 def sweep(model, batch: int, context: int, candidates: dict, reps: int = 60, split=None) -> dict:
     """Coordinate descent over `candidates` (one kernel family at a time, each keeping the best of the ones
     before) from default_tiles(batch), with the static step's time beside it; a candidate that does not fit
@@ -160,6 +186,8 @@ def main(argv=None) -> int:
                    help="comma-separated batches at which to sweep the tensor-core tiles (e.g. 128,256)")
     p.add_argument("--split-kinds", action="store_true",
                    help="batch 1: the graph alone with no layer split, each kind split alone, the default and all")
+    p.add_argument("--chain-floor", action="store_true",
+                   help="batch 1: the graph alone of the model and of its layer schedule at tiny widths")
     p.add_argument("--no-profile", action="store_true",
                    help="only the step kinds through the Generator (no profiler pass, no graph-alone PDL on/off)")
     p.add_argument("--out", default="benchmarks/results/decode_step_profile.json")
@@ -193,6 +221,8 @@ def main(argv=None) -> int:
                 ms = fused_graph_ms(model, 1, args.context, split=split)
                 record.setdefault("split_kinds_b1_ms", {}).setdefault(name, []).append(ms)
                 print(f"batch   1 fused graph alone, split {name:<8} {ms:.4f} ms/token", flush=True)
+    if args.chain_floor:
+        record["chain_floor_b1_ms"] = chain_floor(model, args.context)
     if args.sweep:  # one row: the default step, every kind split, and the kernel chain (split off)
         record["sweep_b1"] = sweep(model, 1, args.context, {
             k: v for k, v in GEMV_CANDIDATES.items() if k not in UNUSED_WITH_SPLIT and k != "ffn_split"})

@@ -125,3 +125,28 @@ def test_tile_sweeps_start_from_the_default_tiles():
         for family, cands in candidates.items():
             assert cands[0] == fused.TILES[family][column], (family, cands[0])
     assert set(bench_decode_step.SPLIT_ONLY) <= set(bench_decode_step.GEMV_CANDIDATES)
+
+
+def test_chain_floor_keeps_the_layer_schedule_at_tiny_widths():
+    """bench_decode_step --chain-floor compares a preset with its TINY_WIDTHS version: the same layer kinds in the
+    same order (so the fused step launches the same kernels), whose active weights take under 1 us per token to
+    read at 4.27 TB/s."""
+    import os
+    import sys
+
+    from openjamba.config import JambaConfig
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
+    try:
+        import bench_decode_step
+    finally:
+        sys.path.pop(0)
+    for name in ("jamba-1b", "jamba-100m"):
+        c = JambaConfig.from_name(name)
+        t = c.replace(**bench_decode_step.TINY_WIDTHS)
+        assert t.num_hidden_layers == c.num_hidden_layers
+        assert t.attention_layer_ids == c.attention_layer_ids and t.mamba_layer_ids == c.mamba_layer_ids
+        assert [t.is_moe(i) for i in range(t.num_hidden_layers)] == [c.is_moe(i) for i in range(c.num_hidden_layers)]
+        assert (t.num_experts, t.num_experts_per_tok) == (c.num_experts, c.num_experts_per_tok)
+        active = t.param_counts()["active"]
+        assert active * 2 < 4.27e6, (name, active)
