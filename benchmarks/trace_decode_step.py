@@ -3,6 +3,7 @@ previous kernel, when the wait released it, when it finished, and on which SM it
 
     python benchmarks/trace_decode_step.py                    # jamba-1b, bf16, batch 1, context 1K
     python benchmarks/trace_decode_step.py --context 131072
+    python benchmarks/trace_decode_step.py --tiny-widths      # the same kernels at bench_decode_step.TINY_WIDTHS
 
 The kernels of inference/fused_kernels.py are recompiled from a copy of their source in which
 `_after_previous_kernel` also stores the GPU's global timer (%globaltimer: nanoseconds, updated every
@@ -13,7 +14,9 @@ Generator runs it, replayed, and the table of one replay is summarised per kerne
   span  from that first release to this kernel's last program ending
   work  per program, from its release to its end (median and max)
   sms   how many SMs its programs ran on
-Writes benchmarks/results/decode_timeline_<preset>_<context>.json (or --out). Needs CUDA (the timer and SM
+With --tiny-widths the preset's layer schedule runs at widths where its weights are under 2 MB, so each kind's
+span there is what it costs without its weight bytes. Writes
+benchmarks/results/decode_timeline_<preset>[-tiny]_<context>.json (or --out). Needs CUDA (the timer and SM
 id are read with inline PTX).
 """
 
@@ -30,7 +33,7 @@ import tempfile
 
 import torch
 
-from bench_decode_step import _ms_per_call  # a sibling script (benchmarks/ is on the path when run)
+from bench_decode_step import TINY_WIDTHS, _ms_per_call  # a sibling script (benchmarks/ is on the path when run)
 
 MAXP = 4096  # programs per kernel the table holds (the jamba-1b lm_head has 4096)
 MAXK = 200  # kernels per step
@@ -190,6 +193,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="jamba-1b")
     p.add_argument("--context", type=int, default=1024)
+    p.add_argument("--tiny-widths", action="store_true",
+                   help="the preset's layer schedule at bench_decode_step.TINY_WIDTHS (the kernels without the bytes)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -197,18 +202,21 @@ def main(argv=None) -> int:
     from openjamba.bench.common import build_model, machine
     from openjamba.config import JambaConfig
 
-    model = build_model(JambaConfig.from_name(args.preset), "cuda", torch.bfloat16)
+    config = JambaConfig.from_name(args.preset, **(TINY_WIDTHS if args.tiny_widths else {}))
+    label = args.preset + ("-tiny" if args.tiny_widths else "")
+    model = build_model(config, "cuda", torch.bfloat16)
     r = trace(model, args.context)
-    print(f"{args.preset} context {args.context}: {r['ms_per_token_plain'] * 1e3:.1f} us per token "
+    print(f"{label} context {args.context}: {r['ms_per_token_plain'] * 1e3:.1f} us per token "
           f"({r['ms_per_token_traced'] * 1e3:.1f} traced), timeline {r['timeline_us']:.1f} us, {r['kernels']} kernels")
     for name, a in sorted(r["kinds"].items(), key=lambda kv: -kv[1]["total_us"]):
         print(f"  {name:<14} x{a['calls']:3d}  gap {a['gap_us']:5.2f}  span {a['span_us']:6.2f}  work median "
               f"{a['work_median_us']:5.2f} max {a['work_max_us']:5.2f}  SMs {a['sms_min']}-{a['sms_max']}  "
               f"total {a['total_us']:6.1f} us")
-    out = args.out or os.path.join("benchmarks", "results", f"decode_timeline_{args.preset}_{args.context}.json")
+    out = args.out or os.path.join("benchmarks", "results", f"decode_timeline_{label}_{args.context}.json")
     with open(out, "w") as f:
         json.dump(dict(benchmark="fused decode step: per-program timeline", preset=args.preset, dtype="bfloat16",
-                       batch=1, machine=machine(), **r), f, indent=1)
+                       batch=1, widths=TINY_WIDTHS if args.tiny_widths else None, machine=machine(), **r), f,
+                  indent=1)
     print(f"wrote {out}")
     return 0
 

@@ -11,6 +11,19 @@ from openjamba.bench.decode import step_bytes
 from openjamba.bench_cli import main
 
 
+def _bench_script(name: str):
+    """A script of benchmarks/ imported as a module (they import one another as siblings)."""
+    import importlib
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
+
+
 def test_variants_have_equal_active_parameters_and_the_right_layers():
     base = JambaConfig.from_name("jamba-1b")
     v = variant_configs(base)
@@ -84,15 +97,9 @@ def test_decode_step_tracer_threads_its_table_through_every_kernel():
     """benchmarks/trace_decode_step.py rewrites a copy of the fused kernels' source; a kernel it missed
     would drop out of the timeline (or fail to launch), so every one must take the table and mark its end."""
     import inspect
-    import os
     import re
-    import sys
 
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
-    try:
-        import trace_decode_step
-    finally:
-        sys.path.pop(0)
+    trace_decode_step = _bench_script("trace_decode_step")
     from openjamba.inference import fused_kernels
 
     names = [n for n in re.findall(r"\ndef (\w+_kernel)\(", open(fused_kernels.__file__).read())
@@ -111,16 +118,9 @@ def test_decode_step_tracer_threads_its_table_through_every_kernel():
 def test_tile_sweeps_start_from_the_default_tiles():
     """bench_decode_step's coordinate descent starts each family at its first candidate, which must be the
     tiles the fused step uses by default (fused.TILES), so a sweep's best is never worse than the default."""
-    import os
-    import sys
-
     from openjamba.inference import fused
 
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
-    try:
-        import bench_decode_step
-    finally:
-        sys.path.pop(0)
+    bench_decode_step = _bench_script("bench_decode_step")
     for column, candidates in ((0, bench_decode_step.GEMV_CANDIDATES), (1, bench_decode_step.DOT_CANDIDATES)):
         for family, cands in candidates.items():
             assert cands[0] == fused.TILES[family][column], (family, cands[0])
@@ -131,16 +131,9 @@ def test_chain_floor_keeps_the_layer_schedule_at_tiny_widths():
     """bench_decode_step --chain-floor compares a preset with its TINY_WIDTHS version: the same layer kinds in the
     same order (so the fused step launches the same kernels), whose active weights take under 1 us per token to
     read at 4.27 TB/s."""
-    import os
-    import sys
-
     from openjamba.config import JambaConfig
 
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
-    try:
-        import bench_decode_step
-    finally:
-        sys.path.pop(0)
+    bench_decode_step = _bench_script("bench_decode_step")
     for name in ("jamba-1b", "jamba-100m"):
         c = JambaConfig.from_name(name)
         t = c.replace(**bench_decode_step.TINY_WIDTHS)
@@ -150,3 +143,29 @@ def test_chain_floor_keeps_the_layer_schedule_at_tiny_widths():
         assert (t.num_experts, t.num_experts_per_tok) == (c.num_experts, c.num_experts_per_tok)
         active = t.param_counts()["active"]
         assert active * 2 < 4.27e6, (name, active)
+
+
+def test_ncu_decode_step_reads_ncus_raw_csv():
+    """ncu_decode_step parses ncu's `--csv --page raw` output: its own and the program's lines before the table,
+    a units row, numbers with thousands separators; per launch the summary fields and the largest stalls first."""
+    n = _bench_script("ncu_decode_step")
+    stall = n.STALL_METRIC.format
+    cols = ["ID", "Kernel Name", "device__attribute_chip", "gpu__time_duration.sum", "launch__registers_per_thread",
+            stall("long_scoreboard"), stall("barrier"), stall("wait")]
+    text = "\n".join([
+        "==PROF== Connected to process 1",
+        "done",
+        ",".join(f'"{c}"' for c in cols),
+        '"","","","ns","register/thread","","",""',
+        '"0","ffn_up_kernel(...)","GH100","8,416","96","4.33","0.85","0.84"',
+        '"1","router_kernel","GH100","5,184","88","3.10","0.30","0.81"',
+    ])
+    raw = n.parse_raw_csv(text)
+    assert len(raw) == 2 and "device__attribute_chip" not in raw[0]
+    s = n.summarize(raw[0], top=2)
+    assert s["kernel"] == "ffn_up_kernel" and s["duration_ns"] == 8416.0 and s["registers"] == 96.0
+    assert s["dram_bytes"] is None
+    assert list(s["stalls"]) == ["long_scoreboard", "barrier"] and s["stalls"]["long_scoreboard"] == 4.33
+    assert n.summarize(raw[1])["stalls"] == {"long_scoreboard": 3.10, "wait": 0.81, "barrier": 0.30}
+    with pytest.raises(ValueError, match="no ncu CSV table"):
+        n.parse_raw_csv("==PROF== nothing profiled\n")
