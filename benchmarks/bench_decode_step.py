@@ -44,20 +44,23 @@ from openjamba.inference.fused import SPLIT_KINDS
 # candidate tiles per kernel family for one row (the GEMV form); the first of each is the default
 GEMV_CANDIDATES = {
     "mamba_in": [dict(BD=16, BK=1024, warps=4), dict(BD=16, BK=1024, warps=8), dict(BD=8, BK=1024, warps=4),
-                 dict(BD=16, BK=512, warps=4), dict(BD=32, BK=1024, warps=8)],
+                 dict(BD=16, BK=512, warps=4), dict(BD=32, BK=1024, warps=8), dict(BD=8, BK=1024, warps=2)],
     "down": [dict(BH=4, BF=4096, warps=4), dict(BH=4, BF=4096, warps=8), dict(BH=2, BF=4096, warps=4),
-             dict(BH=8, BF=2048, warps=8), dict(BH=4, BF=2048, warps=4)],
+             dict(BH=8, BF=2048, warps=8), dict(BH=4, BF=2048, warps=4), dict(BH=2, BF=4096, warps=2),
+             dict(BH=1, BF=4096, warps=1)],
     "down_moe": [dict(BH=2, BF=4096, warps=4), dict(BH=4, BF=4096, warps=8), dict(BH=2, BF=2048, warps=4),
-                 dict(BH=1, BF=4096, warps=4)],
-    "ffn_up": [dict(BF=8, BK=1024, warps=4), dict(BF=16, BK=1024, warps=8), dict(BF=4, BK=1024, warps=4),
-               dict(BF=16, BK=512, warps=4)],
-    "norm_linear": [dict(BN=8, BK=1024, warps=4), dict(BN=16, BK=1024, warps=8), dict(BN=4, BK=1024, warps=4)],
+                 dict(BH=1, BF=4096, warps=4), dict(BH=1, BF=4096, warps=2)],
+    "ffn_up": [dict(BF=2, BK=1024, warps=1), dict(BF=8, BK=1024, warps=4), dict(BF=16, BK=1024, warps=8),
+               dict(BF=4, BK=1024, warps=4), dict(BF=16, BK=512, warps=4), dict(BF=4, BK=1024, warps=2),
+               dict(BF=1, BK=1024, warps=1)],
+    "norm_linear": [dict(BN=8, BK=1024, warps=4), dict(BN=16, BK=1024, warps=8), dict(BN=4, BK=1024, warps=4),
+                    dict(BN=4, BK=1024, warps=2), dict(BN=2, BK=1024, warps=1)],
     "mamba_ssm": [dict(BD=16, warps=4), dict(BD=32, warps=4), dict(BD=16, warps=2), dict(BD=8, warps=2)],
     "ffn_split": [dict(BF=8, BK=1024, BH=1024, warps=4), dict(BF=8, BK=1024, BH=256, warps=4),
                   dict(BF=16, BK=1024, BH=1024, warps=8), dict(BF=8, BK=1024, BH=1024, warps=8),
                   dict(BF=4, BK=1024, BH=1024, warps=4)],
     "mamba_out": [dict(BD=16, BH=1024, warps=4), dict(BD=16, BH=1024, warps=8), dict(BD=16, BH=512, warps=4),
-                  dict(BD=32, BH=512, warps=8)],
+                  dict(BD=32, BH=512, warps=8), dict(BD=8, BH=1024, warps=2)],
 }
 # the families only split layers use (ffn_split: the MLP and MoE split, not the default) and those the split
 # Mamba mixer leaves unused

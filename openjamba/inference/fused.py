@@ -82,7 +82,7 @@ TILES = {
     "norm_linear": (dict(BN=8, BK=1024, warps=4), dict(BN=64, BK=128, warps=4)),  # also the qkv kernel
     "mamba_in": (dict(BD=16, BK=1024, warps=4), dict(BD=32, BK=128, warps=4)),
     "mamba_ssm": (dict(BD=16, warps=4), dict(BD=64, warps=4)),
-    "ffn_up": (dict(BF=8, BK=1024, warps=4), dict(BF=64, BK=128, warps=4)),
+    "ffn_up": (dict(BF=2, BK=1024, warps=1), dict(BF=64, BK=128, warps=4)),
     "down": (dict(BH=4, BF=4096, warps=4), dict(BH=16, BF=512, warps=4)),
     "down_moe": (dict(BH=2, BF=4096, warps=4), dict(BH=16, BF=512, warps=4)),
     # split layers (one row only, the same in both columns): BH output rows per block of the split down
