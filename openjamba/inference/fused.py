@@ -73,8 +73,9 @@ SPLIT_DEFAULT = ("mamba",)
 GEMV_MAX_ROWS = 1
 
 # Tile sizes and warps per kernel: (GEMV form for batch <= GEMV_MAX_ROWS, tl.dot form), from sweeps on an H200
-# for the jamba-1b preset at batch 1 and 16 (the GEMV candidates of the last one measured within 1% of each
-# other; benchmarks/KERNEL_NOTES.md).
+# for the jamba-1b preset at batch 1 and 16 (most GEMV candidates of the last sweep measured within 1% of each
+# other; ffn_up's programs of one warp, whose reductions need no shared memory, 1% faster than 4 warps;
+# benchmarks/KERNEL_NOTES.md, versions 13 and 14).
 # `FusedDecodeStep(..., tiles=...)` overrides entries. The dot form needs tiles of 16 at least.
 # GEMV reduction tiles are cut to the next power of two of the reduction length, so that at jamba-1b sizes a
 # program's whole share of a weight is one tile, read before the wait on the previous kernel.
