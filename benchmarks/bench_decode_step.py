@@ -8,6 +8,8 @@
                                                             # batch 1: which layer kinds to split
     python benchmarks/bench_decode_step.py --batches 1 --steps fused --no-profile --chain-floor
                                                             # batch 1: the same kernels at tiny widths
+    python benchmarks/bench_decode_step.py --batches 1 --steps fused --no-profile --pack
+                                                            # batch 1: packed-word GEMVs against elements
     python benchmarks/bench_decode_step.py --batches 384,512 --steps fused,static --no-profile --variant mamba
                                                             # step kinds only, the pure Mamba model of the same size
 
@@ -19,6 +21,8 @@ batch 1 the graph alone with the default split layers and with the kernel chain 
 --chain-floor times, at batch 1, the graph alone of the model and of the same layer schedule at tiny widths
 (TINY_WIDTHS: the same kernels, under 2 MB of weights per token), so the difference is what the weight bytes
 add to the chain of dependent kernels.
+--pack times, at batch 1, the graph alone with the GEMVs reading packed int32 words (`pack`, the default for bf16)
+and reading bf16 elements, three rounds in turn.
 --sweep times the fused step with each candidate tile configuration of one kernel family at a time
 (coordinate descent from the defaults in inference/fused.py) and reports the best; the defaults there
 come from such sweeps. --sweep-rows does the same for the tensor-core tiles at large batches
@@ -41,20 +45,19 @@ from openjamba.inference import FusedDecodeStep, Generator
 from openjamba.inference.engine import capture_step
 from openjamba.inference.fused import SPLIT_KINDS
 
-# candidate tiles per kernel family for one row (the GEMV form); the first of each is the default
+# candidate tiles per kernel family for one row (the GEMV form, packed words for bf16), swept in this order; the
+# first of each is the default
 GEMV_CANDIDATES = {
-    "mamba_in": [dict(BD=16, BK=1024, warps=4), dict(BD=16, BK=1024, warps=8), dict(BD=8, BK=1024, warps=4),
-                 dict(BD=16, BK=512, warps=4), dict(BD=32, BK=1024, warps=8), dict(BD=8, BK=1024, warps=2)],
-    "down": [dict(BH=4, BF=4096, warps=4), dict(BH=4, BF=4096, warps=8), dict(BH=2, BF=4096, warps=4),
-             dict(BH=8, BF=2048, warps=8), dict(BH=4, BF=2048, warps=4), dict(BH=2, BF=4096, warps=2),
-             dict(BH=1, BF=4096, warps=1)],
-    "down_moe": [dict(BH=2, BF=4096, warps=4), dict(BH=4, BF=4096, warps=8), dict(BH=2, BF=2048, warps=4),
-                 dict(BH=1, BF=4096, warps=4), dict(BH=1, BF=4096, warps=2)],
-    "ffn_up": [dict(BF=2, BK=1024, warps=1), dict(BF=8, BK=1024, warps=4), dict(BF=16, BK=1024, warps=8),
-               dict(BF=4, BK=1024, warps=4), dict(BF=16, BK=512, warps=4), dict(BF=4, BK=1024, warps=2),
-               dict(BF=1, BK=1024, warps=1)],
-    "norm_linear": [dict(BN=8, BK=1024, warps=4), dict(BN=16, BK=1024, warps=8), dict(BN=4, BK=1024, warps=4),
-                    dict(BN=4, BK=1024, warps=2), dict(BN=2, BK=1024, warps=1)],
+    "ffn_up": [dict(BF=16, BK=1024, warps=8), dict(BF=32, BK=1024, warps=8), dict(BF=32, BK=1024, warps=16),
+               dict(BF=16, BK=1024, warps=4), dict(BF=8, BK=1024, warps=4), dict(BF=2, BK=1024, warps=1)],
+    "down_moe": [dict(BH=4, BF=4096, warps=4), dict(BH=8, BF=4096, warps=8),
+                 dict(BH=4, BF=4096, warps=8), dict(BH=2, BF=4096, warps=4), dict(BH=2, BF=2048, warps=4)],
+    "down": [dict(BH=4, BF=4096, warps=4), dict(BH=8, BF=4096, warps=4), dict(BH=8, BF=4096, warps=8),
+             dict(BH=16, BF=4096, warps=8), dict(BH=2, BF=4096, warps=4), dict(BH=4, BF=2048, warps=4)],
+    "mamba_in": [dict(BD=16, BK=1024, warps=8), dict(BD=16, BK=1024, warps=4), dict(BD=32, BK=1024, warps=8),
+                 dict(BD=32, BK=1024, warps=16), dict(BD=8, BK=1024, warps=4), dict(BD=32, BK=1024, warps=4)],
+    "norm_linear": [dict(BN=4, BK=1024, warps=4), dict(BN=8, BK=1024, warps=4), dict(BN=16, BK=1024, warps=8),
+                    dict(BN=32, BK=1024, warps=8), dict(BN=4, BK=1024, warps=2)],
     "mamba_ssm": [dict(BD=16, warps=4), dict(BD=32, warps=4), dict(BD=16, warps=2), dict(BD=8, warps=2)],
     "ffn_split": [dict(BF=8, BK=1024, BH=1024, warps=4), dict(BF=8, BK=1024, BH=256, warps=4),
                   dict(BF=16, BK=1024, BH=1024, warps=8), dict(BF=8, BK=1024, BH=1024, warps=8),
@@ -191,6 +194,8 @@ def main(argv=None) -> int:
                    help="batch 1: the graph alone with no layer split, each kind split alone, the default and all")
     p.add_argument("--chain-floor", action="store_true",
                    help="batch 1: the graph alone of the model and of its layer schedule at tiny widths")
+    p.add_argument("--pack", action="store_true",
+                   help="batch 1: the graph alone with packed-word GEMVs and with bf16 elements, three rounds")
     p.add_argument("--no-profile", action="store_true",
                    help="only the step kinds through the Generator (no profiler pass, no graph-alone PDL on/off)")
     p.add_argument("--out", default="benchmarks/results/decode_step_profile.json")
@@ -224,6 +229,13 @@ def main(argv=None) -> int:
                 ms = fused_graph_ms(model, 1, args.context, split=split)
                 record.setdefault("split_kinds_b1_ms", {}).setdefault(name, []).append(ms)
                 print(f"batch   1 fused graph alone, split {name:<8} {ms:.4f} ms/token", flush=True)
+    if args.pack:
+        for r in range(3):
+            for pack in (True, False):
+                ms = fused_graph_ms(model, 1, args.context, pack=pack)
+                record.setdefault("pack_b1_ms", {}).setdefault("packed" if pack else "elements", []).append(ms)
+                print(f"batch   1 fused graph alone, {'packed words' if pack else 'elements':<12} {ms:.4f} ms/token",
+                      flush=True)
     if args.chain_floor:
         record["chain_floor_b1_ms"] = chain_floor(model, args.context)
     if args.sweep:  # one row: the default step, every kind split, and the kernel chain (split off)

@@ -35,7 +35,7 @@ import torch
 
 from bench_decode_step import TINY_WIDTHS, _ms_per_call  # a sibling script (benchmarks/ is on the path when run)
 
-MAXP = 4096  # programs per kernel the table holds (the jamba-1b lm_head has 4096)
+MAXP = 8192  # programs per kernel the table holds (the jamba-1b lm_head has 8192 at batch 1)
 MAXK = 200  # kernels per step
 
 _HELPERS = '''

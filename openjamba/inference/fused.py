@@ -21,6 +21,10 @@ the CPU interpreter, TRITON_INTERPRET=1, for tests).
 On GPUs of compute capability 9 and above (H100, H200, B200) the kernels are launched with programmatic
 dependent launch (`pdl`, by default at batch 1): each starts streaming its weights while the previous
 kernel finishes (see fused_kernels.py).
+One row of a bf16 model (`pack`, by default where it can run): the GEMVs read weights as int32 words of two bf16
+and widen each half with one shift or one mask, the products in the weight tile's own register layout; the
+element form converts each bf16 alone and moves the weight tile through shared memory into the layout of its
+products, about twice the instructions per weight (fused_kernels.py, _halves).
 
 Split layers (one row; `split`): a layer's last projection split over the programs of the kernel before it,
 each adding its share of the output to an fp32 accumulator by atomic adds, so one kernel boundary goes. By
@@ -73,23 +77,32 @@ SPLIT_DEFAULT = ("mamba",)
 GEMV_MAX_ROWS = 1
 
 # Tile sizes and warps per kernel: (GEMV form for batch <= GEMV_MAX_ROWS, tl.dot form), from sweeps on an H200
-# for the jamba-1b preset at batch 1 and 16 (most GEMV candidates of the last sweep measured within 1% of each
-# other; ffn_up's programs of one warp, whose reductions need no shared memory, 1% faster than 4 warps;
-# benchmarks/KERNEL_NOTES.md, versions 13 and 14).
-# `FusedDecodeStep(..., tiles=...)` overrides entries. The dot form needs tiles of 16 at least.
+# for the jamba-1b preset at batch 1 and 16. The GEMV column is the packed-word form's (bf16; version 15 of
+# benchmarks/KERNEL_NOTES.md): each program reads and normalises the whole row once, so blocks of 16 gate/up
+# rows over 8 warps beat the element form's one-warp blocks of 2 by a wide margin (0.39 against 0.61 ms per
+# jamba-1b token). ELEMENT_TILES keeps the element form's own (fp32 and fp16 models, or pack=False; versions
+# 13 and 14). `FusedDecodeStep(..., tiles=...)` overrides entries. The dot form needs tiles of 16 at least.
 # GEMV reduction tiles are cut to the next power of two of the reduction length, so that at jamba-1b sizes a
 # program's whole share of a weight is one tile, read before the wait on the previous kernel.
 TILES = {
-    "norm_linear": (dict(BN=8, BK=1024, warps=4), dict(BN=64, BK=128, warps=4)),  # also the qkv kernel
-    "mamba_in": (dict(BD=16, BK=1024, warps=4), dict(BD=32, BK=128, warps=4)),
+    "norm_linear": (dict(BN=4, BK=1024, warps=4), dict(BN=64, BK=128, warps=4)),  # also the qkv kernel
+    "mamba_in": (dict(BD=16, BK=1024, warps=8), dict(BD=32, BK=128, warps=4)),
     "mamba_ssm": (dict(BD=16, warps=4), dict(BD=64, warps=4)),
-    "ffn_up": (dict(BF=2, BK=1024, warps=1), dict(BF=64, BK=128, warps=4)),
+    "ffn_up": (dict(BF=16, BK=1024, warps=8), dict(BF=64, BK=128, warps=4)),
     "down": (dict(BH=4, BF=4096, warps=4), dict(BH=16, BF=512, warps=4)),
-    "down_moe": (dict(BH=2, BF=4096, warps=4), dict(BH=16, BF=512, warps=4)),
+    "down_moe": (dict(BH=4, BF=4096, warps=4), dict(BH=16, BF=512, warps=4)),
     # split layers (one row only, the same in both columns): BH output rows per block of the split down
     # projection's atomic adds; these two may also carry "maxnreg", a cap on registers per thread
     "ffn_split": (dict(BF=8, BK=1024, BH=1024, warps=4),) * 2,
     "mamba_out": (dict(BD=16, BH=1024, warps=4),) * 2,
+}
+# The GEMV tiles that differ for the element form (bf16 elements widened one by one, products in a layout of
+# their own): swept on an H200 before the packed form existed (KERNEL_NOTES.md, version 14).
+ELEMENT_TILES = {
+    "norm_linear": dict(BN=8, BK=1024, warps=4),
+    "mamba_in": dict(BD=16, BK=1024, warps=4),
+    "ffn_up": dict(BF=2, BK=1024, warps=1),
+    "down_moe": dict(BH=2, BF=4096, warps=4),
 }
 # Tensor-core tiles for larger batches: (above this many rows, {kernel: tiles}), applied in order over the dot
 # column of TILES. Swept on an H200 for jamba-1b at 128 and 256 rows, 1K of context (benchmarks/KERNEL_NOTES.md,
@@ -101,9 +114,13 @@ WIDE_TILES = (
 )
 
 
-def default_tiles(batch_size: int) -> dict:
-    """The tiles of every fused kernel at this batch: TILES' GEMV or dot column, then WIDE_TILES."""
-    tiles = {k: dict(v[0 if batch_size <= GEMV_MAX_ROWS else 1]) for k, v in TILES.items()}
+def default_tiles(batch_size: int, pack: bool = True) -> dict:
+    """The tiles of every fused kernel at this batch: TILES' GEMV or dot column (the GEMV column with ELEMENT_TILES
+    over it where the GEMVs read elements, not packed words), then WIDE_TILES."""
+    gemv = batch_size <= GEMV_MAX_ROWS
+    tiles = {k: dict(v[0 if gemv else 1]) for k, v in TILES.items()}
+    if gemv and not pack:
+        tiles.update((k, dict(v)) for k, v in ELEMENT_TILES.items())
     for rows, wide in WIDE_TILES:
         if batch_size > rows:
             tiles.update((k, dict(v)) for k, v in wide.items())
@@ -123,6 +140,23 @@ def pdl_unavailable(device: torch.device) -> str | None:
     major, minor = torch.cuda.get_device_capability(device)
     if major < 9:
         return f"compute capability {major}.{minor} (PDL needs 9.0 or above)"
+    return None
+
+
+def pack_unavailable(model, batch_size: int) -> str | None:
+    """None when the one-row GEMVs can read bf16 weights as packed int32 words (`pack`) for this model and batch,
+    else why not."""
+    if batch_size > 1:
+        return f"batch {batch_size}: packed words are a one-row GEMV form"
+    if model.dtype != torch.bfloat16:
+        return f"dtype {model.dtype} (packed words hold two bf16)"
+    c = model.config
+    lengths = {"hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+               "mamba inner size": c.mamba_inner_size,
+               "attention width (heads x head_dim)": c.num_attention_heads * c.head_dim}
+    for what, n in lengths.items():
+        if n % 16:
+            return f"{what} {n} is not a multiple of 16 (the words are read in 16-element groups)"
     return None
 
 
@@ -193,15 +227,19 @@ class FusedDecodeStep:
     """One decoding token per row through the fused kernels; see the module docstring."""
 
     def __init__(self, model, batch_size: int, tiles: dict | None = None, pdl: bool | None = None,
-                 split: bool | None = None):
-        """tiles: per-kernel overrides of default_tiles(batch_size). pdl: launch with programmatic dependent
+                 split: bool | None = None, pack: bool | None = None):
+        """tiles: per-kernel overrides of default_tiles(batch_size, pack). pdl: launch with programmatic dependent
         launch; None: for the GEMV form where the device supports it (on an H200: 0.485 vs 0.62 ms per jamba-1b
         token at batch 1, but 1.141 vs 1.054 ms in the tensor-core form at batch 16); True where the device
         cannot is an error. split: split layers (one row only): one kernel per MLP or MoE layer and two per
         Mamba mixer, their last linear layer split over the programs and summed by fp32 atomic adds (the order
         of those adds, and so the last bits of the sums, can differ from run to run); True for every kind in
         SPLIT_KINDS, or a collection of some of them; None: SPLIT_DEFAULT for one row unless torch's
-        deterministic algorithms are on."""
+        deterministic algorithms are on. pack: one row of a bf16 model, the GEMVs read the weights as int32 words
+        of two bf16 each and widen them by a shift or a mask, their products in the weight tile's own layout (on
+        an H200 0.389 against 0.442 ms per jamba-1b token for the element form, each at its own tiles;
+        benchmarks/KERNEL_NOTES.md, version 15); None: wherever it can (pack_unavailable), True where it cannot
+        is an error. Split MLP and MoE layers (ffn_split) and the split out_proj read elements either way."""
         reason = fused_unavailable(model, batch_size)
         if reason:
             raise RuntimeError(f"the fused decoding step cannot run: {reason}")
@@ -213,6 +251,10 @@ class FusedDecodeStep:
         self.fk = fk
         self.dot = batch_size > GEMV_MAX_ROWS
         self.pdl = (why_not is None and not self.dot) if pdl is None else bool(pdl)
+        no_pack = pack_unavailable(model, batch_size)
+        if pack and no_pack:
+            raise RuntimeError(f"packed-word GEMVs were requested but cannot be used: {no_pack}")
+        self.pack = no_pack is None if pack is None else bool(pack)
         if split is None:
             split = () if self.dot or torch.are_deterministic_algorithms_enabled() else SPLIT_DEFAULT
         self.split = frozenset(SPLIT_KINDS if split is True else () if split is False else split)
@@ -222,7 +264,8 @@ class FusedDecodeStep:
         if self.split and self.dot:
             raise ValueError(f"split layers run one row only (GEMV_MAX_ROWS = {GEMV_MAX_ROWS}); "
                              f"this step was built for batch {batch_size}")
-        self.tiles = {k: dict(v, **(tiles or {}).get(k, {})) for k, v in default_tiles(batch_size).items()}
+        own = default_tiles(batch_size, self.pack)
+        self.tiles = {k: dict(v, **(tiles or {}).get(k, {})) for k, v in own.items()}
         c = model.config
         dev, dt = model.device, model.dtype
         self.B = batch_size
@@ -280,7 +323,7 @@ class FusedDecodeStep:
             h, h.stride(0), _or(a, h), norm.weight, norm.eps, weight, bias if bias is not None else weight, out,
             out.stride(0), self.B, self.H, Nout, HAS_BIAS=bias is not None, BB=self.BB, BN=t["BN"],
             BK=self._k(t["BK"], t["BN"], self.H), IEEE=self.ieee, DOT=self.dot, PDL=self.pdl, NRB=self.NRB,
-            ACC=a is not None, num_warps=t["warps"], launch_pdl=self.pdl)
+            ACC=a is not None, PACK=self.pack, num_warps=t["warps"], launch_pdl=self.pdl)
         return out
 
     def down_residual(self, h, act, weight, bias=None, routed=False, X=1, a=None):
@@ -292,8 +335,8 @@ class FusedDecodeStep:
             act, weight, weight.stride(0) if routed else 0, bias if bias is not None else weight, self.wsel, h,
             h.stride(0), _or(a, h), self.B, self.H, F, X, ROUTED=routed, SP=self.slots if routed else 0,
             BXP=_pow2(X, 2), HAS_BIAS=bias is not None, BB=self.BB, BH=t["BH"], BF=self._k(t["BF"], t["BH"], F),
-            IEEE=self.ieee, DOT=self.dot, PDL=self.pdl, NRB=self.NRB, ACC=a is not None, num_warps=t["warps"],
-            launch_pdl=self.pdl)
+            IEEE=self.ieee, DOT=self.dot, PDL=self.pdl, NRB=self.NRB, ACC=a is not None, PACK=self.pack,
+            num_warps=t["warps"], launch_pdl=self.pdl)
 
     def _copy(self, w):
         with torch.inference_mode(False), torch.no_grad():  # a normal tensor: refreshed in place in any mode
@@ -346,7 +389,8 @@ class FusedDecodeStep:
             HAS_BIN=m.in_proj.bias is not None, HAS_CB=m.conv1d.bias is not None, KC=m.d_conv,
             KP=_pow2(m.d_conv - 1, 1), NU=self.NP, BB=self.BB, BD=t1["BD"], BK=self._k(t1["BK"], t1["BD"], self.H),
             BX=_pow2(self.NX), IEEE=self.ieee, DOT=self.dot,
-            PDL=self.pdl, NRB=self.NRB, ACC=a is not None, num_warps=t1["warps"], launch_pdl=self.pdl)
+            PDL=self.pdl, NRB=self.NRB, ACC=a is not None, PACK=self.pack, num_warps=t1["warps"],
+            launch_pdl=self.pdl)
         split = "mamba" in self.split
         t2 = self.tiles["mamba_out"] if split else t2
         ho, ao = self._split_out(h, a) if split else (h, h)
@@ -396,7 +440,8 @@ class FusedDecodeStep:
             h, h.stride(0), _or(pending, h), norm.weight, norm.eps, a.q_proj.weight, a.k_proj.weight, a.v_proj.weight,
             q, keys, values, keys.stride(0), keys.stride(1), cache.pos, B, self.H, nq, nkv, hd, keys.shape[2],
             BB=self.BB, BN=t["BN"], BK=self._k(t["BK"], t["BN"], self.H), IEEE=self.ieee, DOT=self.dot,
-            PDL=self.pdl, NRB=self.NRB, ACC=pending is not None, num_warps=t["warps"], launch_pdl=self.pdl)
+            PDL=self.pdl, NRB=self.NRB, ACC=pending is not None, PACK=self.pack, num_warps=t["warps"],
+            launch_pdl=self.pdl)
         # Where a split can hold more than 256 positions (caches past ~16K positions at batch 1) the kernel is
         # launched without PDL: launched while qkv still runs, its programs were packed onto a sixth to a
         # half of the SMs, which for a kernel streaming the cache cost more than the early launch saves
@@ -431,7 +476,7 @@ class FusedDecodeStep:
             h, h.stride(0), _or(a, h), norm.weight, norm.eps, wg, wu, s_up, self.act, self.wsel, self.B, self.H,
             self.F, X, ROUTED=routed, SP=sp, BXP=_pow2(X, 2), BB=self.BB, BF=t["BF"],
             BK=self._k(t["BK"], 2 * t["BF"], self.H), IEEE=self.ieee, DOT=self.dot, PDL=self.pdl, NRB=self.NRB,
-            ACC=a is not None, num_warps=t["warps"], launch_pdl=self.pdl)
+            ACC=a is not None, PACK=self.pack, num_warps=t["warps"], launch_pdl=self.pdl)
         self.down_residual(h, self.act, wd, routed=routed, X=X, a=a)
         return h, None
 

@@ -28,6 +28,15 @@ dtype happen where the eager layers round (after each linear layer and activatio
 add), so the fused step follows the eager step closely in bf16 and matches it in fp32; the one change of
 order is the RMSNorm, whose 1/rms row scale is applied after the matmul it feeds (see _matmul).
 
+Packed words (PACK: one row, bf16 weights, reduction lengths that are multiples of 16): a GEMV reads its weight
+tile as int32 words of two bf16 each and widens the halves with one shift (the even element) or one mask (the
+odd one), multiplying them in the tile's own register layout with the row's even and odd elements
+(_x_halves); each thread sums its products in registers, then a row's threads reduce across the warp. The
+element form's (BB, BN, BK) broadcast takes a layout the loaded tile lacks, so its weights pass through shared
+memory first, and each bf16 is widened alone: about twice the instructions per weight element (sm_90, ffn_up
+at jamba-1b sizes: 784 against 1552 for one program's 128 weights per thread). The sums are the same products
+in another order, so the results match the element form's to fp32 rounding.
+
 PDL (programmatic dependent launch, compute capability >= 9): each kernel may start while the previous one
 finishes. It first loads what the previous kernel does not write (its weights, its layer's conv or SSM
 state, the residual stream, the routing of two kernels back), then waits for the previous kernel
@@ -94,11 +103,62 @@ def _mm(x, w, IEEE: tl.constexpr, DOT: tl.constexpr):
 
 
 @triton.jit
-def _w_tile(w_ptr, s_wn, n0, N, k0, K, BN: tl.constexpr, BK: tl.constexpr):
-    """W[n0:n0+BN, k0:k0+BK] of a row-major weight (N, K) with row stride s_wn; 0 outside."""
+def _w_tile(w_ptr, s_wn, n0, N, k0, K, BN: tl.constexpr, BK: tl.constexpr, PACK: tl.constexpr = False):
+    """W[n0:n0+BN, k0:k0+BK] of a row-major weight (N, K) with row stride s_wn; 0 outside. PACK (bf16 weights; K,
+    s_wn and k0 multiples of 16): the same tile as (BN, BK // 2) int32 words holding two bf16 each (_halves)."""
     ns = n0 + tl.arange(0, BN)
-    ks = k0 + tl.arange(0, BK)
-    return tl.load(w_ptr + ns[:, None] * s_wn + ks[None, :], mask=(ns[:, None] < N) & (ks[None, :] < K), other=0.0)
+    if PACK:
+        ks = k0 // 2 + tl.arange(0, BK // 2)
+        offs = ns[:, None] * tl.multiple_of(s_wn // 2, 8) + ks[None, :]
+        return tl.load(_words(w_ptr) + offs, mask=(ns[:, None] < N) & (ks[None, :] < tl.multiple_of(K // 2, 8)),
+                       other=0)
+    else:
+        ks = k0 + tl.arange(0, BK)
+        return tl.load(w_ptr + ns[:, None] * s_wn + ks[None, :], mask=(ns[:, None] < N) & (ks[None, :] < K),
+                       other=0.0)
+
+
+@triton.jit
+def _words(p):
+    """A bf16 pointer as a pointer to int32 words, two bf16 each (the even-indexed one in the low half)."""
+    return p.to(tl.pointer_type(tl.int32), bitcast=True)
+
+
+@triton.jit
+def _halves(words):
+    """int32 words of two bf16 -> (low, high) halves as fp32, exactly: a bf16 is the top half of an fp32, so one
+    shift or one mask widens each (the element form's conversions take more, and its product layout a pass
+    through shared memory)."""
+    return (words << 16).to(tl.float32, bitcast=True), (words & -65536).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _x_halves(x_ptr, nw_ptr, k0, K, BKW: tl.constexpr, NORM: tl.constexpr, a_ptr=None, ACC: tl.constexpr = False):
+    """The packed form's row (one row, bf16): x[k0:k0+2 BKW] as its even- and odd-indexed elements (BKW,) fp32
+    (0 past K) and their sum of squares; NORM, ACC as in _x_tile (the same roundings)."""
+    ks = k0 // 2 + tl.arange(0, BKW)
+    m = ks < tl.multiple_of(K // 2, 8)
+    xl, xh = _halves(tl.load(_words(x_ptr) + ks, mask=m, other=0))
+    dt = x_ptr.dtype.element_ty
+    if ACC:
+        xl = (xl + tl.load(a_ptr + 2 * ks, mask=m, other=0.0, cache_modifier=".cg").to(dt).to(tl.float32)).to(dt)
+        xh = (xh + tl.load(a_ptr + 2 * ks + 1, mask=m, other=0.0, cache_modifier=".cg").to(dt).to(tl.float32)).to(dt)
+        xl, xh = xl.to(tl.float32), xh.to(tl.float32)
+    if NORM:
+        ss = tl.sum(xl * xl + xh * xh, axis=0)
+        nl, nh = _halves(tl.load(_words(nw_ptr) + ks, mask=m, other=0))
+        xl, xh = (xl * nl).to(dt).to(tl.float32), (xh * nh).to(dt).to(tl.float32)
+    else:
+        ss = 0.0
+    return xl, xh, ss
+
+
+@triton.jit
+def _mm_halves(xl, xh, w):
+    """(1, BN) fp32 = x @ W^T for a word tile w (BN, BKW) from _w_tile(PACK) and x's halves from _x_halves: the
+    products in w's own layout, each thread's share summed in registers, then across the threads of a row."""
+    wl, wh = _halves(w)
+    return tl.sum(wl * xl[None, :] + wh * xh[None, :], axis=1)[None, :]
 
 
 @triton.jit
@@ -134,20 +194,31 @@ def _x_tile(x_ptr, s_xb, nw_ptr, B, k0, K, BB: tl.constexpr, BK: tl.constexpr, N
 @triton.jit
 def _matmul(x_ptr, s_xb, nw_ptr, eps, w0, w_ptr, s_wn, n0, N, B, K,
             BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr, IEEE: tl.constexpr,
-            DOT: tl.constexpr, a_ptr=None, ACC: tl.constexpr = False):
+            DOT: tl.constexpr, a_ptr=None, ACC: tl.constexpr = False, PACK: tl.constexpr = False):
     """(BB, BN) fp32 = X[:B] @ W[n0:n0+BN]^T for a row-major W (N, K) whose first tile w0 = W[n0:, :BK] the
     caller loaded already (before _after_previous_kernel: the weight stream starts while the previous kernel
     finishes; with BK >= K that is the whole share of W). NORM: X = RMSNorm(x) with weight nw, in the same
     pass: the row scale 1/rms commutes with the matmul, so the dot takes (x * nw) rounded to the dtype and the
-    accumulated rows are scaled at the end. Padded rows and columns are 0."""
-    x, ss = _x_tile(x_ptr, s_xb, nw_ptr, B, 0, K, BB, BK, NORM, a_ptr, ACC)
-    acc = _mm(x, w0, IEEE, DOT)
-    for k0 in range(BK, K, BK):
-        x, s = _x_tile(x_ptr, s_xb, nw_ptr, B, k0, K, BB, BK, NORM, a_ptr, ACC)
-        ss += s
-        acc += _mm(x, _w_tile(w_ptr, s_wn, n0, N, k0, K, BN, BK), IEEE, DOT)
-    if NORM:
-        acc = acc * (1.0 / tl.sqrt(ss / K + eps))[:, None]
+    accumulated rows are scaled at the end. Padded rows and columns are 0. PACK (one row, bf16): w0 and the
+    tiles after it are int32 words (_w_tile), the row read as its halves (_x_halves)."""
+    if PACK:
+        xl, xh, ss = _x_halves(x_ptr, nw_ptr, 0, K, BK // 2, NORM, a_ptr, ACC)
+        acc = _mm_halves(xl, xh, w0)
+        for k0 in range(BK, K, BK):
+            xl, xh, s = _x_halves(x_ptr, nw_ptr, k0, K, BK // 2, NORM, a_ptr, ACC)
+            ss += s
+            acc += _mm_halves(xl, xh, _w_tile(w_ptr, s_wn, n0, N, k0, K, BN, BK, True))
+        if NORM:
+            acc = acc * (1.0 / tl.sqrt(ss / K + eps))
+    else:
+        x, ss = _x_tile(x_ptr, s_xb, nw_ptr, B, 0, K, BB, BK, NORM, a_ptr, ACC)
+        acc = _mm(x, w0, IEEE, DOT)
+        for k0 in range(BK, K, BK):
+            x, s = _x_tile(x_ptr, s_xb, nw_ptr, B, k0, K, BB, BK, NORM, a_ptr, ACC)
+            ss += s
+            acc += _mm(x, _w_tile(w_ptr, s_wn, n0, N, k0, K, BN, BK), IEEE, DOT)
+        if NORM:
+            acc = acc * (1.0 / tl.sqrt(ss / K + eps))[:, None]
     return acc
 
 
@@ -155,18 +226,19 @@ def _matmul(x_ptr, s_xb, nw_ptr, eps, w0, w_ptr, s_wn, n0, N, B, K,
 def norm_linear_kernel(h_ptr, s_hb, a_ptr, nw_ptr, eps, w_ptr, bias_ptr, y_ptr, s_yb, B, H, N,
                        HAS_BIAS: tl.constexpr, BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                        IEEE: tl.constexpr, DOT: tl.constexpr, PDL: tl.constexpr, NRB: tl.constexpr,
-                       ACC: tl.constexpr):
+                       ACC: tl.constexpr, PACK: tl.constexpr):
     """y (B, N) = Linear(RMSNorm(h)), in y's dtype (ACC: h + the pending output a, see _x_tile). Grid:
-    (cdiv(N, BN) * NRB,)."""
+    (cdiv(N, BN) * NRB,). PACK: see _matmul."""
     blk, r0 = _row_block(tl.program_id(0), NRB, BB)
     n0 = blk * BN
     h_ptr += r0 * s_hb
     a_ptr += r0 * s_hb
     y_ptr += r0 * s_yb
     nb = B - r0  # rows in this block (up to BB)
-    w0 = _w_tile(w_ptr, H, n0, N, 0, H, BN, BK)
+    w0 = _w_tile(w_ptr, H, n0, N, 0, H, BN, BK, PACK)
     _after_previous_kernel(PDL)
-    acc = _matmul(h_ptr, s_hb, nw_ptr, eps, w0, w_ptr, H, n0, N, nb, H, BB, BN, BK, True, IEEE, DOT, a_ptr, ACC)
+    acc = _matmul(h_ptr, s_hb, nw_ptr, eps, w0, w_ptr, H, n0, N, nb, H, BB, BN, BK, True, IEEE, DOT, a_ptr, ACC,
+                  PACK)
     ns = n0 + tl.arange(0, BN)
     rows = tl.arange(0, BB)
     if HAS_BIAS:
@@ -178,7 +250,7 @@ def norm_linear_kernel(h_ptr, s_hb, a_ptr, nw_ptr, eps, w_ptr, bias_ptr, y_ptr, 
 @triton.jit
 def qkv_kernel(h_ptr, s_hb, a_ptr, nw_ptr, eps, wq_ptr, wk_ptr, wv_ptr, q_ptr, k_ptr, v_ptr, s_kb, s_kh, pos_ptr,
                B, H, NQ, NKV, HD, L, BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
-               DOT: tl.constexpr, PDL: tl.constexpr, NRB: tl.constexpr, ACC: tl.constexpr):
+               DOT: tl.constexpr, PDL: tl.constexpr, NRB: tl.constexpr, ACC: tl.constexpr, PACK: tl.constexpr):
     """An attention layer's q, k and v projections of RMSNorm(h) in one launch; k and v go straight into
     the caches at the current position. Grid ((cdiv(NQ, BN) + 2 cdiv(NKV, BN)) * NRB,): the first programs
     compute q (B, NQ); the next k, then v (B, NKV), written at k_ptr[b, n // HD, pos, n % HD] of a
@@ -199,10 +271,11 @@ def qkv_kernel(h_ptr, s_hb, a_ptr, nw_ptr, eps, wq_ptr, wk_ptr, wv_ptr, q_ptr, k
         w_ptr, N, n0 = wk_ptr, NKV, (pid - nq) * BN
     else:
         w_ptr, N, n0 = wv_ptr, NKV, (pid - nq - nkv) * BN
-    w0 = _w_tile(w_ptr, H, n0, N, 0, H, BN, BK)
+    w0 = _w_tile(w_ptr, H, n0, N, 0, H, BN, BK, PACK)
     pos = tl.load(pos_ptr).to(tl.int64)
     _after_previous_kernel(PDL)
-    acc = _matmul(h_ptr, s_hb, nw_ptr, eps, w0, w_ptr, H, n0, N, nb, H, BB, BN, BK, True, IEEE, DOT, a_ptr, ACC)
+    acc = _matmul(h_ptr, s_hb, nw_ptr, eps, w0, w_ptr, H, n0, N, nb, H, BB, BN, BK, True, IEEE, DOT, a_ptr, ACC,
+                  PACK)
     ns = n0 + tl.arange(0, BN)
     rows = tl.arange(0, BB)
     m2 = (rows[:, None] < nb) & (ns[None, :] < N)
@@ -223,12 +296,12 @@ def mamba_in_kernel(
     u_ptr, z_ptr, xpart_ptr, B, H, Di, NX,
     HAS_BIN: tl.constexpr, HAS_CB: tl.constexpr, KC: tl.constexpr, KP: tl.constexpr, NU: tl.constexpr,
     BB: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr, BX: tl.constexpr, IEEE: tl.constexpr,
-    DOT: tl.constexpr, PDL: tl.constexpr, NRB: tl.constexpr, ACC: tl.constexpr,
+    DOT: tl.constexpr, PDL: tl.constexpr, NRB: tl.constexpr, ACC: tl.constexpr, PACK: tl.constexpr,
 ):
     """Grid (2 NU * NRB,). Programs [0, NU): BD channels of u = in_proj(RMSNorm(h))[:, :Di], the conv
     update of those channels (conv state (B, KC-1, Di) shifted in place) + SiLU -> u (B, Di), and their
     share of x_proj: xpart[p] (B, NX) fp32. Programs [NU, 2 NU): BD channels of z = in_proj(...)[:, Di:]
-    -> z (B, Di). ACC: h + the pending output a (see _x_tile).
+    -> z (B, Di). ACC: h + the pending output a (see _x_tile). PACK: in_proj as in _matmul.
     KP: the KC - 1 conv state rows padded to a power of two."""
     pid, r0 = _row_block(tl.program_id(0), NRB, BB)
     h_ptr += r0 * s_hb
@@ -247,7 +320,7 @@ def mamba_in_kernel(
         xs = tl.arange(0, BX)
         # before the wait: this block's in_proj tile, its x_proj columns (NX, Di)[:, ds] as (BX, BD), the conv
         # weights and the conv state rows (BB, KP, BD) (last written by this kernel a token ago)
-        w0 = _w_tile(win_ptr, H, d0, Di, 0, H, BD, BK)
+        w0 = _w_tile(win_ptr, H, d0, Di, 0, H, BD, BK, PACK)
         wx = tl.load(wx_ptr + xs[:, None] * Di + ds[None, :], mask=(xs[:, None] < NX) & dmask[None, :], other=0.0)
         m2 = rmask[:, None] & dmask[None, :]
         js = tl.arange(0, KP)
@@ -262,7 +335,7 @@ def mamba_in_kernel(
             bias = tl.load(cb_ptr + ds, mask=dmask, other=0.0).to(tl.float32)
         _after_previous_kernel(PDL)
         acc = _matmul(h_ptr, s_hb, nw_ptr, eps, w0, win_ptr, H, d0, Di, B - r0, H, BB, BD, BK, True, IEEE, DOT,
-                      a_ptr, ACC)
+                      a_ptr, ACC, PACK)
         if HAS_BIN:
             acc += tl.load(bin_ptr + ds, mask=dmask, other=0.0).to(tl.float32)[None, :]
         x = acc.to(dt).to(tl.float32)  # in_proj output in the model dtype
@@ -281,10 +354,10 @@ def mamba_in_kernel(
     else:
         d0 = (pid - NU) * BD
         ds = d0 + tl.arange(0, BD)
-        w0 = _w_tile(win_ptr + Di * H, H, d0, Di, 0, H, BD, BK)
+        w0 = _w_tile(win_ptr + Di * H, H, d0, Di, 0, H, BD, BK, PACK)
         _after_previous_kernel(PDL)
         acc = _matmul(h_ptr, s_hb, nw_ptr, eps, w0, win_ptr + Di * H, H, d0, Di, B - r0, H, BB, BD, BK, True, IEEE,
-                      DOT, a_ptr, ACC)
+                      DOT, a_ptr, ACC, PACK)
         if HAS_BIN:
             acc += tl.load(bin_ptr + Di + ds, mask=ds < Di, other=0.0).to(tl.float32)[None, :]
         tl.store(z_ptr + rows[:, None] * Di + ds[None, :], acc.to(dt), mask=rmask[:, None] & (ds[None, :] < Di))
@@ -440,20 +513,32 @@ def _pick(w, BXP: tl.constexpr, SP: tl.constexpr):
 
 @triton.jit
 def _gate_up(h_ptr, s_hb, nw_ptr, eps, wg0, wu0, wg_ptr, wu_ptr, f0, F, B, H, BB: tl.constexpr, BF: tl.constexpr,
-             BK: tl.constexpr, IEEE: tl.constexpr, DOT: tl.constexpr, a_ptr=None, ACC: tl.constexpr = False):
+             BK: tl.constexpr, IEEE: tl.constexpr, DOT: tl.constexpr, a_ptr=None, ACC: tl.constexpr = False,
+             PACK: tl.constexpr = False):
     """(BB, BF) fp32 = silu(gate x) * up x for gate/up rows [f0, f0 + BF) (row-major (F, H) weights whose first
     tiles wg0, wu0 the caller loaded) and x = RMSNorm(h) (+ a, see _x_tile): gate and up in one pass over H,
-    the norm as in _matmul, rounded where the eager layers round."""
+    the norm as in _matmul, rounded where the eager layers round. PACK: as in _matmul."""
     dt = h_ptr.dtype.element_ty
-    x, ss = _x_tile(h_ptr, s_hb, nw_ptr, B, 0, H, BB, BK, True, a_ptr, ACC)
-    g = _mm(x, wg0, IEEE, DOT)
-    up = _mm(x, wu0, IEEE, DOT)
-    for k0 in range(BK, H, BK):
-        x, s = _x_tile(h_ptr, s_hb, nw_ptr, B, k0, H, BB, BK, True, a_ptr, ACC)
-        ss += s
-        g += _mm(x, _w_tile(wg_ptr, H, f0, F, k0, H, BF, BK), IEEE, DOT)
-        up += _mm(x, _w_tile(wu_ptr, H, f0, F, k0, H, BF, BK), IEEE, DOT)
-    rstd = (1.0 / tl.sqrt(ss / H + eps))[:, None]
+    if PACK:
+        xl, xh, ss = _x_halves(h_ptr, nw_ptr, 0, H, BK // 2, True, a_ptr, ACC)
+        g = _mm_halves(xl, xh, wg0)
+        up = _mm_halves(xl, xh, wu0)
+        for k0 in range(BK, H, BK):
+            xl, xh, s = _x_halves(h_ptr, nw_ptr, k0, H, BK // 2, True, a_ptr, ACC)
+            ss += s
+            g += _mm_halves(xl, xh, _w_tile(wg_ptr, H, f0, F, k0, H, BF, BK, True))
+            up += _mm_halves(xl, xh, _w_tile(wu_ptr, H, f0, F, k0, H, BF, BK, True))
+        rstd = 1.0 / tl.sqrt(ss / H + eps)
+    else:
+        x, ss = _x_tile(h_ptr, s_hb, nw_ptr, B, 0, H, BB, BK, True, a_ptr, ACC)
+        g = _mm(x, wg0, IEEE, DOT)
+        up = _mm(x, wu0, IEEE, DOT)
+        for k0 in range(BK, H, BK):
+            x, s = _x_tile(h_ptr, s_hb, nw_ptr, B, k0, H, BB, BK, True, a_ptr, ACC)
+            ss += s
+            g += _mm(x, _w_tile(wg_ptr, H, f0, F, k0, H, BF, BK), IEEE, DOT)
+            up += _mm(x, _w_tile(wu_ptr, H, f0, F, k0, H, BF, BK), IEEE, DOT)
+        rstd = (1.0 / tl.sqrt(ss / H + eps))[:, None]
     g = (g * rstd).to(dt).to(tl.float32)
     return (g * tl.sigmoid(g)).to(dt).to(tl.float32) * (up * rstd).to(dt).to(tl.float32)
 
@@ -463,12 +548,12 @@ def ffn_up_kernel(
     h_ptr, s_hb, a_ptr, nw_ptr, eps, wg_ptr, wu_ptr, s_we, act_ptr, wsel_ptr, B, H, F, X,
     ROUTED: tl.constexpr, SP: tl.constexpr, BXP: tl.constexpr, BB: tl.constexpr, BF: tl.constexpr,
     BK: tl.constexpr, IEEE: tl.constexpr, DOT: tl.constexpr, PDL: tl.constexpr, NRB: tl.constexpr,
-    ACC: tl.constexpr,
+    ACC: tl.constexpr, PACK: tl.constexpr,
 ):
     """Grid (cdiv(F, BF) * NRB, X), or (cdiv(F, BF), top-k) with SP > 0 (one row: program_id(1) is a slot of
     _picked_experts). Expert e of a MoE (ROUTED: rows with wsel[e, b] != 0, from router_kernel) or the
     dense MLP (X = 1, every row): act[e, b, f-block] = silu(gate_e x) * up_e x with x = RMSNorm(h). An
-    expert no row picked reads no weights (so a MoE's weights wait for the routing)."""
+    expert no row picked reads no weights (so a MoE's weights wait for the routing). PACK: see _matmul."""
     pf, r0 = _row_block(tl.program_id(0), NRB, BB)
     h_ptr += r0 * s_hb
     a_ptr += r0 * s_hb
@@ -494,30 +579,48 @@ def ffn_up_kernel(
         e = 0
         go = B > 0
     if go:
-        wg0 = _w_tile(wg_ptr + e * s_we, H, f0, F, 0, H, BF, BK)
-        wu0 = _w_tile(wu_ptr + e * s_we, H, f0, F, 0, H, BF, BK)
+        wg0 = _w_tile(wg_ptr + e * s_we, H, f0, F, 0, H, BF, BK, PACK)
+        wu0 = _w_tile(wu_ptr + e * s_we, H, f0, F, 0, H, BF, BK, PACK)
         if not ROUTED:
             _after_previous_kernel(PDL)
         a = _gate_up(h_ptr, s_hb, nw_ptr, eps, wg0, wu0, wg_ptr + e * s_we, wu_ptr + e * s_we, f0, F, B - r0, H,
-                     BB, BF, BK, IEEE, DOT, a_ptr, ACC)
+                     BB, BF, BK, IEEE, DOT, a_ptr, ACC, PACK)
         fs = f0 + tl.arange(0, BF)
-        tl.store(act_ptr + e * B * F + rows[:, None] * F + fs[None, :], a.to(dt), mask=rmask[:, None] & (fs[None, :] < F))
+        tl.store(act_ptr + e * B * F + rows[:, None] * F + fs[None, :], a.to(dt),
+                 mask=rmask[:, None] & (fs[None, :] < F))
 
 
 @triton.jit
-def _slots_w(wd_ptr, s_we, es, valid, hs, hmask, f0, F, BF: tl.constexpr):
-    """Down weight tile (SP, BH, BF) of the picked experts es (one row; 0 in empty slots)."""
-    fs = f0 + tl.arange(0, BF)
-    return tl.load(wd_ptr + es[:, None, None] * s_we + hs[None, :, None] * F + fs[None, None, :],
-                   mask=valid[:, None, None] & hmask[None, :, None] & (fs < F)[None, None, :], other=0.0)
+def _slots_w(wd_ptr, s_we, es, valid, hs, hmask, f0, F, BF: tl.constexpr, PACK: tl.constexpr = False):
+    """Down weight tile (SP, BH, BF) of the picked experts es (one row; 0 in empty slots); PACK: (SP, BH, BF // 2)
+    int32 words, as _w_tile."""
+    if PACK:
+        fs = f0 // 2 + tl.arange(0, BF // 2)
+        fw = tl.multiple_of(F // 2, 8)
+        offs = es[:, None, None] * tl.multiple_of(s_we // 2, 8) + hs[None, :, None] * fw + fs[None, None, :]
+        m = valid[:, None, None] & hmask[None, :, None] & (fs < fw)[None, None, :]
+        return tl.load(_words(wd_ptr) + offs, mask=m, other=0)
+    else:
+        fs = f0 + tl.arange(0, BF)
+        return tl.load(wd_ptr + es[:, None, None] * s_we + hs[None, :, None] * F + fs[None, None, :],
+                       mask=valid[:, None, None] & hmask[None, :, None] & (fs < F)[None, None, :], other=0.0)
 
 
 @triton.jit
-def _slots_mm(act_ptr, es, valid, w, f0, F, BF: tl.constexpr):
-    """The picked experts' activations act[es, 0, f0:f0+BF] times their weight tile w, summed -> (SP, BH) fp32."""
-    fs = f0 + tl.arange(0, BF)
-    a = tl.load(act_ptr + es[:, None] * F + fs[None, :], mask=valid[:, None] & (fs < F)[None, :], other=0.0)
-    return tl.sum(a.to(tl.float32)[:, None, :] * w.to(tl.float32), axis=2)
+def _slots_mm(act_ptr, es, valid, w, f0, F, BF: tl.constexpr, PACK: tl.constexpr = False):
+    """The picked experts' activations act[es, 0, f0:f0+BF] times their weight tile w, summed -> (SP, BH) fp32
+    (PACK: w from _slots_w(PACK), the activations read as words too)."""
+    if PACK:
+        fs = f0 // 2 + tl.arange(0, BF // 2)
+        fw = tl.multiple_of(F // 2, 8)
+        m = valid[:, None] & (fs < fw)[None, :]
+        al, ah = _halves(tl.load(_words(act_ptr) + es[:, None] * fw + fs[None, :], mask=m, other=0))
+        wl, wh = _halves(w)
+        return tl.sum(wl * al[:, None, :] + wh * ah[:, None, :], axis=2)
+    else:
+        fs = f0 + tl.arange(0, BF)
+        a = tl.load(act_ptr + es[:, None] * F + fs[None, :], mask=valid[:, None] & (fs < F)[None, :], other=0.0)
+        return tl.sum(a.to(tl.float32)[:, None, :] * w.to(tl.float32), axis=2)
 
 
 @triton.jit
@@ -525,7 +628,7 @@ def down_residual_kernel(
     act_ptr, wd_ptr, s_we, bias_ptr, wsel_ptr, h_ptr, s_hb, a_ptr, B, H, F, X,
     ROUTED: tl.constexpr, SP: tl.constexpr, BXP: tl.constexpr, HAS_BIAS: tl.constexpr, BB: tl.constexpr,
     BH: tl.constexpr, BF: tl.constexpr, IEEE: tl.constexpr, DOT: tl.constexpr, PDL: tl.constexpr,
-    NRB: tl.constexpr, ACC: tl.constexpr,
+    NRB: tl.constexpr, ACC: tl.constexpr, PACK: tl.constexpr,
 ):
     """Grid (cdiv(H, BH) * NRB,): h[:, block] += the layer output, in place, rounded as the eager layers round.
 
@@ -535,7 +638,8 @@ def down_residual_kernel(
     after it, expert by expert. Otherwise one linear layer: out = act @ W^T (+ bias) with act (B, F),
     W (H, F): the MLP's down projection, Mamba's out_proj, attention's o_proj; its first tile is read
     before the wait. The residual h is read before the wait too (written two or more kernels back), with ACC
-    the pending output a of a split layer further back added to it (see _x_tile)."""
+    the pending output a of a split layer further back added to it (see _x_tile). PACK (one row): the weights as
+    int32 words (_w_tile, _slots_w)."""
     hb, r0 = _row_block(tl.program_id(0), NRB, BB)
     h_ptr += r0 * s_hb
     a_ptr += r0 * s_hb
@@ -558,11 +662,12 @@ def down_residual_kernel(
         if SP > 0:
             es, ws, valid = _picked_experts(wsel_ptr, X, BXP, SP)
             es = es.to(tl.int64)
-            w0 = _slots_w(wd_ptr, s_we, es, valid, hs, hmask, 0, F, BF)
+            w0 = _slots_w(wd_ptr, s_we, es, valid, hs, hmask, 0, F, BF, PACK)
             _after_previous_kernel(PDL)
-            acc = _slots_mm(act_ptr, es, valid, w0, 0, F, BF)
+            acc = _slots_mm(act_ptr, es, valid, w0, 0, F, BF, PACK)
             for f0 in range(BF, F, BF):
-                acc += _slots_mm(act_ptr, es, valid, _slots_w(wd_ptr, s_we, es, valid, hs, hmask, f0, F, BF), f0, F, BF)
+                w = _slots_w(wd_ptr, s_we, es, valid, hs, hmask, f0, F, BF, PACK)
+                acc += _slots_mm(act_ptr, es, valid, w, f0, F, BF, PACK)
             if HAS_BIAS:
                 acc += tl.load(bias_ptr + hs, mask=hmask, other=0.0).to(tl.float32)[None, :]
             y = (acc.to(dt).to(tl.float32) * ws[:, None]).to(dt).to(tl.float32)  # (SP, BH), 0 in empty slots
@@ -584,9 +689,10 @@ def down_residual_kernel(
                     y = (acc.to(dt).to(tl.float32) * w[:, None]).to(dt).to(tl.float32)
                     out = (out + y).to(dt).to(tl.float32)
     else:
-        w0 = _w_tile(wd_ptr, F, h0, H, 0, F, BH, BF)
+        w0 = _w_tile(wd_ptr, F, h0, H, 0, F, BH, BF, PACK)
         _after_previous_kernel(PDL)
-        out = _matmul(act_ptr, F, act_ptr, 0.0, w0, wd_ptr, F, h0, H, B - r0, F, BB, BH, BF, False, IEEE, DOT)
+        out = _matmul(act_ptr, F, act_ptr, 0.0, w0, wd_ptr, F, h0, H, B - r0, F, BB, BH, BF, False, IEEE, DOT,
+                      act_ptr, False, PACK)
         if HAS_BIAS:
             out += tl.load(bias_ptr + hs, mask=hmask, other=0.0).to(tl.float32)[None, :]
         out = out.to(dt).to(tl.float32)
@@ -644,12 +750,13 @@ def ffn_split_kernel(
     BF: tl.constexpr, BK: tl.constexpr, BH: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
 ):
     """Grid (cdiv(F, BF), top-k or 1), one row: a whole MLP or MoE layer in one kernel, its down projection
-    split over the programs' F blocks (wd: the down weight transposed, (F, H), or the experts' (X, F, H)). x = RMSNorm(h (+ a, ACC)); MoE (ROUTED): every program computes the
-    row's routing (router logits from the router weight it read before the wait, softmax, top-k) and takes
-    the expert of its slot; then act = silu(gate x) * up x for its F block and ao += w_e * down[:, F block]
-    @ act (_down_split). ao, zeroed before the step, holds the layer's output until the kernels after it add
-    it to the residual (_x_tile); with ACC, program (0, 0) writes that residual, h + a, to ho. The dense
-    MLP's weights are read before the wait, the experts' after the routing."""
+    split over the programs' F blocks (wd: the down weight transposed, (F, H), or the experts' (X, F, H)).
+    x = RMSNorm(h (+ a, ACC)); MoE (ROUTED): every program computes the row's routing (router logits from the
+    router weight it read before the wait, softmax, top-k) and takes the expert of its slot; then act = silu(gate
+    x) * up x for its F block and ao += w_e * down[:, F block] @ act (_down_split). ao, zeroed before the step,
+    holds the layer's output until the kernels after it add it to the residual (_x_tile); with ACC, program
+    (0, 0) writes that residual, h + a, to ho. The dense MLP's weights are read before the wait, the experts'
+    after the routing."""
     pf = tl.program_id(0)
     slot = tl.program_id(1)
     f0 = pf * BF

@@ -90,6 +90,8 @@ def test_large_batch_tiles_fp32(monkeypatch):
 def test_default_tiles_by_batch():
     dot = {k: v[1] for k, v in fused.TILES.items()}
     assert fused.default_tiles(1) == {k: v[0] for k, v in fused.TILES.items()}
+    assert fused.default_tiles(1, pack=False) == {**fused.default_tiles(1), **fused.ELEMENT_TILES}
+    assert FusedDecodeStep(_model(), 1).tiles == fused.default_tiles(1, pack=False)  # fp32: elements
     assert fused.default_tiles(64) == dot
     assert fused.default_tiles(65) == {**dot, **fused.WIDE_TILES[0][1]}
     assert fused.default_tiles(129) == {**dot, **fused.WIDE_TILES[0][1], **fused.WIDE_TILES[1][1]}
@@ -172,6 +174,45 @@ def test_x_proj_partials_reduced_in_slices_fp32():
 def test_fused_step_follows_static_step_bf16(batch):
     """Rounded where the modules round: within a couple of bf16 steps of the static step."""
     _compare(_model(torch.bfloat16), batch=batch, steps=4, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("overrides, split", [
+    ({}, None),
+    (dict(mamba_proj_bias=True, num_experts_per_tok=1, attn_layer_period=2, attn_layer_offset=0), False),
+])
+def test_packed_words_follow_static_step_and_element_form_bf16(overrides, split):
+    """One row of a bf16 model reads the weights as int32 words of two bf16 (pack, on by default there): the
+    same roundings as the static step and the same products as the element form in another order. Reduction
+    tiles of 16 elements make every GEMV loop over several word tiles, the last ones partly past the row (the
+    default tiles: test_fused_step_follows_static_step_bf16 and the comparison with the element form below)."""
+    model = _model(torch.bfloat16, **overrides)
+    small = {"norm_linear": {"BK": 16}, "mamba_in": {"BK": 16}, "ffn_up": {"BK": 16}, "down": {"BF": 32},
+             "down_moe": {"BF": 32}}
+    step = FusedDecodeStep(model, 1, tiles=small, split=split)
+    assert step.pack
+    _compare(model, batch=1, steps=2, rtol=2e-2, atol=2e-2, fused=step)
+    ids = torch.randint(0, model.config.vocab_size, (1, 2), device=DEVICE)
+    logits = []
+    for pack in (True, False):
+        cache, step = model.new_cache(1, 8), FusedDecodeStep(model, 1, split=split, pack=pack)
+        assert step.tiles["ffn_up"] == (fused.TILES["ffn_up"][0] if pack else fused.ELEMENT_TILES["ffn_up"])
+        with torch.no_grad():
+            logits.append(torch.cat([step(model, ids[:, t:t + 1], cache) for t in range(2)]).float())
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-2, atol=1e-2)
+
+
+def test_packed_words_only_where_they_can_run():
+    bf16 = _model(torch.bfloat16)
+    assert not FusedDecodeStep(bf16, 2).pack and not FusedDecodeStep(_model(), 1).pack
+    for model, batch, why in ((bf16, 2, "batch 2: packed words are a one-row GEMV form"),
+                              (_model(), 1, r"dtype torch.float32 \(packed words hold two bf16\)"),
+                              (_model(torch.bfloat16, hidden_size=40, intermediate_size=72), 1,
+                               "hidden_size 40 is not a multiple of 16")):
+        with pytest.raises(RuntimeError, match="packed-word GEMVs were requested but cannot be used: " + why):
+            FusedDecodeStep(model, batch, pack=True)
+    odd = _model(torch.bfloat16, hidden_size=40, intermediate_size=72)
+    assert not FusedDecodeStep(odd, 1).pack
+    _compare(odd, batch=1, steps=2, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("overrides", [{}, dict(expert_layer_period=1, expert_layer_offset=0, mamba_proj_bias=True)])
