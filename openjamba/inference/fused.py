@@ -239,7 +239,7 @@ class FusedDecodeStep:
         of two bf16 each and widen them by a shift or a mask, their products in the weight tile's own layout (on
         an H200 0.389 against 0.442 ms per jamba-1b token for the element form, each at its own tiles;
         benchmarks/KERNEL_NOTES.md, version 15); None: wherever it can (pack_unavailable), True where it cannot
-        is an error. Split MLP and MoE layers (ffn_split) and the split out_proj read elements either way."""
+        is an error. Split MLP and MoE layers (ffn_split) read elements either way."""
         reason = fused_unavailable(model, batch_size)
         if reason:
             raise RuntimeError(f"the fused decoding step cannot run: {reason}")
@@ -401,7 +401,8 @@ class FusedDecodeStep:
             self._w(wo) if split else wo, _or(bo, wo), h, _or(a, h), ho, ao, self.B, self.Di, self.R, self.N, self.NP,
             self.H, BD=t2["BD"], BX=_pow2(self.NX), BP=self.tiles["mamba_ssm"].get("BP") or self.partials_tile(),
             BN=_pow2(self.N, 2), PDL=self.pdl, OUT=split, HAS_BO=bo is not None, ACC=split and a is not None,
-            BH=min(t2.get("BH", 16), _pow2(self.H)), num_warps=t2["warps"], launch_pdl=self.pdl, **_regs(t2))
+            BH=min(t2.get("BH", 16), _pow2(self.H)), PACK=self.pack and split, num_warps=t2["warps"],
+            launch_pdl=self.pdl, **_regs(t2))
         if split:
             return ho, ao
         self.down_residual(h, self.y, m.out_proj.weight, m.out_proj.bias, a=a)

@@ -386,7 +386,7 @@ def mamba_ssm_kernel(
     xpart_ptr, u_ptr, z_ptr, wdt_ptr, dtb_ptr, alog_ptr, dsk_ptr, dtn_ptr, bn_ptr, cn_ptr, eps,
     state_ptr, y_ptr, wo_ptr, bo_ptr, h_ptr, a_ptr, ho_ptr, ao_ptr, B, Di, R, N, NP, H,
     BD: tl.constexpr, BX: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PDL: tl.constexpr, OUT: tl.constexpr,
-    HAS_BO: tl.constexpr, ACC: tl.constexpr, BH: tl.constexpr,
+    HAS_BO: tl.constexpr, ACC: tl.constexpr, BH: tl.constexpr, PACK: tl.constexpr,
 ):
     """Grid (cdiv(Di, BD), B): x_proj row b = sum of the NP partials, rounded to the model dtype; RMSNorms
     of its dt (R), B and C (N) parts; dt for BD channels = dt_proj(dt) (rounded), + bias, softplus; the
@@ -415,7 +415,7 @@ def mamba_ssm_kernel(
     s_ptrs = state_ptr + b * Di * N + ds[:, None] * N + ns[None, :]
     h = tl.load(s_ptrs, mask=m2, other=0.0, cache_modifier=".cg")  # the state (last written a token ago)
     if OUT:
-        wo0 = _split_w(wo_ptr, Di, pd * BD, H, 0, BH, BD)
+        wo0 = _split_w(wo_ptr, Di, pd * BD, H, 0, BH, BD, PACK)
     _after_previous_kernel(PDL)
     # u and z issued with the partials below, their latencies overlapping
     u = tl.load(u_ptr + b * Di + ds, mask=dmask, other=0.0).to(tl.float32)
@@ -442,7 +442,7 @@ def mamba_ssm_kernel(
     y = y * zz * tl.sigmoid(zz)
     if OUT:
         _down_split(wo0, wo_ptr, Di, pd * BD, tl.where(dmask, y.to(dt).to(tl.float32), 0.0)[None, :], 1.0, ao_ptr, H,
-                    BH, BD)
+                    BH, BD, PACK)
         if pd == 0:
             if HAS_BO:
                 for h0 in range(0, H, BH):
@@ -710,27 +710,35 @@ def _materialize(h_ptr, a_ptr, ho_ptr, H, BH: tl.constexpr):
 
 
 @triton.jit
-def _split_w(wt_ptr, K, k0, H, h0, BH: tl.constexpr, BK: tl.constexpr):
+def _split_w(wt_ptr, K, k0, H, h0, BH: tl.constexpr, BK: tl.constexpr, PACK: tl.constexpr = False):
     """The block W[h0:h0+BH, k0:k0+BK] of a linear layer's weight W (H, K), read from its transpose (K, H) as
-    (BK, BH): BK whole rows of it, where W's own rows would give BK-element pieces of H rows."""
-    return _w_tile(wt_ptr, H, k0, K, h0, H, BK, BH)
+    (BK, BH): BK whole rows of it, where W's own rows would give BK-element pieces of H rows. PACK: as
+    (BK, BH // 2) int32 words (_w_tile)."""
+    return _w_tile(wt_ptr, H, k0, K, h0, H, BK, BH, PACK)
 
 
 @triton.jit
-def _down_split(w0, wt_ptr, K, k0, x, scale, ao_ptr, H, BH: tl.constexpr, BK: tl.constexpr):
+def _down_split(w0, wt_ptr, K, k0, x, scale, ao_ptr, H, BH: tl.constexpr, BK: tl.constexpr,
+                PACK: tl.constexpr = False):
     """ao[:H] += scale * W[:, k0:k0+BK] @ x, by fp32 atomic adds: this program's share of a linear layer whose
     reduction is split over the programs (x (1, BK) fp32, 0 past K; W (H, K) read from its transpose; the first
-    block w0 = _split_w(..., h0=0, ...) loaded by the caller)."""
-    _split_add(w0, x, scale, ao_ptr, 0, H, BH)
+    block w0 = _split_w(..., h0=0, ...) loaded by the caller, PACK as there)."""
+    _split_add(w0, x, scale, ao_ptr, 0, H, BH, PACK)
     for h0 in range(BH, H, BH):
-        _split_add(_split_w(wt_ptr, K, k0, H, h0, BH, BK), x, scale, ao_ptr, h0, H, BH)
+        _split_add(_split_w(wt_ptr, K, k0, H, h0, BH, BK, PACK), x, scale, ao_ptr, h0, H, BH, PACK)
 
 
 @triton.jit
-def _split_add(w, x, scale, ao_ptr, h0, H, BH: tl.constexpr):
-    """ao[h0:h0+BH] += scale * (x @ w) for a block w (BK, BH) from _split_w and x (1, BK) fp32."""
+def _split_add(w, x, scale, ao_ptr, h0, H, BH: tl.constexpr, PACK: tl.constexpr = False):
+    """ao[h0:h0+BH] += scale * (x @ w) for a block w (BK, BH) from _split_w and x (1, BK) fp32. PACK: w is
+    (BK, BH // 2) words; the even and odd outputs are summed in the tile's own layout, then interleaved."""
     hs = h0 + tl.arange(0, BH)
-    out = tl.sum(tl.sum(x[:, :, None] * w.to(tl.float32)[None, :, :], axis=1), axis=0)
+    if PACK:
+        wl, wh = _halves(w)
+        xc = tl.sum(x, axis=0)[:, None]  # (BK, 1)
+        out = tl.reshape(tl.join(tl.sum(wl * xc, axis=0), tl.sum(wh * xc, axis=0)), (BH,))
+    else:
+        out = tl.sum(tl.sum(x[:, :, None] * w.to(tl.float32)[None, :, :], axis=1), axis=0)
     tl.atomic_add(ao_ptr + hs, out * scale, mask=hs < H, sem="relaxed")
 
 

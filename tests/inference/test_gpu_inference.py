@@ -172,3 +172,37 @@ def test_fused_step_equals_static_step_at_real_size_fp32(batch, split, pdl):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     for i in ref_cache.ssm:
         torch.testing.assert_close(cache.ssm[i], ref_cache.ssm[i], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("split", [None, False])  # the split Mamba out_proj (packed too), and the kernel chain
+def test_packed_words_at_real_size_bf16(split):
+    """jamba-1b sizes in bf16 at one row, where the GEMVs read packed words (`pack`): teacher-forced, the fused step
+    is as close to the fp32 model as the static bf16 step, and so is its element form beside it."""
+    from openjamba.inference import FusedDecodeStep
+    from openjamba.inference.step import decode_step
+
+    torch.manual_seed(0)
+    cfg = JambaConfig.from_name("jamba-1b", num_hidden_layers=8)
+    with torch.device("cuda"):
+        exact = JambaForCausalLM(cfg).eval()
+    model = JambaForCausalLM(cfg).to(device="cuda", dtype=torch.bfloat16).eval()
+    model.load_state_dict({k: v.to(torch.bfloat16) for k, v in exact.state_dict().items()})
+    packed, elements = (FusedDecodeStep(model, 1, split=split, pack=p) for p in (True, False))
+    assert packed.pack and not elements.pack
+    runs = [(exact, decode_step), (model, decode_step), (model, packed), (model, elements)]
+    caches = [m.new_cache(1, 64) for m, _ in runs]
+    ids = torch.randint(0, cfg.vocab_size, (1, 6), device="cuda")
+    err = [0.0] * len(runs)
+    scale = 0.0
+    with torch.no_grad():
+        for t in range(6):
+            out = []
+            for (m, step), cache in zip(runs, caches):
+                out.append((step(m, ids[:, t:t + 1], cache, "dense") if step is decode_step
+                            else step(m, ids[:, t:t + 1], cache)).float())
+                cache.advance(1)
+            scale = max(scale, out[0].abs().max().item())
+            err = [max(e, (o - out[0]).abs().max().item()) for e, o in zip(err, out)]
+    _, err_static, err_packed, err_elements = err
+    assert err_packed <= 2 * err_static + 1e-2 * scale, (err_packed, err_static, scale)
+    assert err_elements <= 2 * err_static + 1e-2 * scale, (err_elements, err_static, scale)
