@@ -24,7 +24,7 @@ kernel finishes (see fused_kernels.py).
 One row of a bf16 model (`pack`, by default where it can run): the GEMVs read weights as int32 words of two bf16
 and widen each half with one shift or one mask, the products in the weight tile's own register layout; the
 element form converts each bf16 alone and moves the weight tile through shared memory into the layout of its
-products, about twice the instructions per weight (fused_kernels.py, _halves).
+products (fused_kernels.py, _halves).
 
 Split layers (one row; `split`): a layer's last projection split over the programs of the kernel before it,
 each adding its share of the output to an fp32 accumulator by atomic adds, so one kernel boundary goes. By

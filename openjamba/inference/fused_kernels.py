@@ -33,9 +33,11 @@ tile as int32 words of two bf16 each and widens the halves with one shift (the e
 odd one), multiplying them in the tile's own register layout with the row's even and odd elements
 (_x_halves); each thread sums its products in registers, then a row's threads reduce across the warp. The
 element form's (BB, BN, BK) broadcast takes a layout the loaded tile lacks, so its weights pass through shared
-memory first, and each bf16 is widened alone: about twice the instructions per weight element (sm_90, ffn_up
-at jamba-1b sizes: 784 against 1552 for one program's 128 weights per thread). The sums are the same products
-in another order, so the results match the element form's to fp32 rounding.
+memory first, and each bf16 is widened alone. For sm_90, gate/up of 16 rows over 8 warps at jamba-1b sizes
+compiles to 944 instructions against 1168, with 55 shared-memory accesses and 14 barriers against 122 and 32;
+the packed form runs best with such blocks of whole rows (fused.TILES), the element form with one-warp blocks
+of 2 rows (fused.ELEMENT_TILES). The sums are the same products in another order, so the results match the
+element form's to fp32 rounding.
 
 PDL (programmatic dependent launch, compute capability >= 9): each kernel may start while the previous one
 finishes. It first loads what the previous kernel does not write (its weights, its layer's conv or SSM
