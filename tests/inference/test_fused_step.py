@@ -187,7 +187,7 @@ def test_packed_words_follow_static_step_and_element_form_bf16(overrides, split)
     default tiles: test_fused_step_follows_static_step_bf16 and the comparison with the element form below)."""
     model = _model(torch.bfloat16, **overrides)
     small = {"norm_linear": {"BK": 16}, "mamba_in": {"BK": 16}, "ffn_up": {"BK": 16}, "down": {"BF": 32},
-             "down_moe": {"BF": 32}}
+             "down_moe": {"BF": 32}, "mamba_out": {"BH": 16}}  # (the split out_proj in blocks of 16 outputs)
     step = FusedDecodeStep(model, 1, tiles=small, split=split)
     assert step.pack
     _compare(model, batch=1, steps=2, rtol=2e-2, atol=2e-2, fused=step)
