@@ -150,10 +150,9 @@ def pack_unavailable(model, batch_size: int) -> str | None:
         return f"batch {batch_size}: packed words are a one-row GEMV form"
     if model.dtype != torch.bfloat16:
         return f"dtype {model.dtype} (packed words hold two bf16)"
-    c = model.config
+    c = model.config  # (the attention width, heads x head_dim, is hidden_size: the config checks the heads divide it)
     lengths = {"hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
-               "mamba inner size": c.mamba_inner_size,
-               "attention width (heads x head_dim)": c.num_attention_heads * c.head_dim}
+               "mamba inner size": c.mamba_inner_size}
     for what, n in lengths.items():
         if n % 16:
             return f"{what} {n} is not a multiple of 16 (the words are read in 16-element groups)"

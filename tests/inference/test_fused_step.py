@@ -202,16 +202,14 @@ def test_packed_words_follow_static_step_and_element_form_bf16(overrides, split)
 
 
 def test_packed_words_only_where_they_can_run():
-    bf16 = _model(torch.bfloat16)
+    bf16, odd = _model(torch.bfloat16), _model(torch.bfloat16, hidden_size=40, intermediate_size=72)
     assert not FusedDecodeStep(bf16, 2).pack and not FusedDecodeStep(_model(), 1).pack
+    assert not FusedDecodeStep(odd, 1).pack
     for model, batch, why in ((bf16, 2, "batch 2: packed words are a one-row GEMV form"),
                               (_model(), 1, r"dtype torch.float32 \(packed words hold two bf16\)"),
-                              (_model(torch.bfloat16, hidden_size=40, intermediate_size=72), 1,
-                               "hidden_size 40 is not a multiple of 16")):
+                              (odd, 1, "hidden_size 40 is not a multiple of 16")):
         with pytest.raises(RuntimeError, match="packed-word GEMVs were requested but cannot be used: " + why):
             FusedDecodeStep(model, batch, pack=True)
-    odd = _model(torch.bfloat16, hidden_size=40, intermediate_size=72)
-    assert not FusedDecodeStep(odd, 1).pack
     _compare(odd, batch=1, steps=2, rtol=2e-2, atol=2e-2)
 
 
