@@ -86,7 +86,8 @@ GEMV_MAX_ROWS = 1
 # program's whole share of a weight is one tile, read before the wait on the previous kernel.
 TILES = {
     "norm_linear": (dict(BN=4, BK=1024, warps=4), dict(BN=64, BK=128, warps=4)),  # also the qkv kernel
-    "mamba_in": (dict(BD=16, BK=1024, warps=8), dict(BD=32, BK=128, warps=4)),
+    # XS: split Mamba mixers sum their x_proj shares into XS rows by atomic adds (KERNEL_NOTES.md, version 16)
+    "mamba_in": (dict(BD=16, BK=1024, warps=8, XS=16), dict(BD=32, BK=128, warps=4)),
     "mamba_ssm": (dict(BD=16, warps=4), dict(BD=64, warps=4)),
     "ffn_up": (dict(BF=16, BK=1024, warps=8), dict(BF=64, BK=128, warps=4)),
     "down": (dict(BH=4, BF=4096, warps=4), dict(BH=16, BF=512, warps=4)),
@@ -231,8 +232,9 @@ class FusedDecodeStep:
         launch; None: for the GEMV form where the device supports it (on an H200: 0.485 vs 0.62 ms per jamba-1b
         token at batch 1, but 1.141 vs 1.054 ms in the tensor-core form at batch 16); True where the device
         cannot is an error. split: split layers (one row only): one kernel per MLP or MoE layer and two per
-        Mamba mixer, their last linear layer split over the programs and summed by fp32 atomic adds (the order
-        of those adds, and so the last bits of the sums, can differ from run to run); True for every kind in
+        Mamba mixer, their last linear layer split over the programs and summed by fp32 atomic adds, as is a
+        split Mamba mixer's x_proj where mamba_in's tiles give XS rows (the order of those adds, and so the
+        last bits of the sums, can differ from run to run); True for every kind in
         SPLIT_KINDS, or a collection of some of them; None: SPLIT_DEFAULT for one row unless torch's
         deterministic algorithms are on. pack: one row of a bf16 model, the GEMVs read the weights as int32 words
         of two bf16 each and widen them by a shift or a mask, their products in the weight tile's own layout (on
@@ -290,7 +292,14 @@ class FusedDecodeStep:
         # split layers: each one's output accumulator (zeroed at the start of a step) and, where the residual
         # it goes on still had an earlier split layer's output pending, that residual made whole
         n = 2 * c.num_hidden_layers if self.split else 0
-        self.accs = torch.empty(n, batch_size, self.H, device=dev, dtype=torch.float32)
+        # and the Mamba mixers' x_proj sums in XS rows each (mamba_in XS; one buffer, so one memset zeroes both)
+        self.XS = self.tiles["mamba_in"].get("XS", 0) if "mamba" in self.split else 0
+        n_mamba = sum(not layer.is_attention for layer in model.model.layers) if self.XS else 0
+        zeroed = torch.empty(n * batch_size * self.H + n_mamba * self.XS * self.NX, device=dev, dtype=torch.float32)
+        self._zeroed = zeroed
+        self.accs = zeroed[:n * batch_size * self.H].view(n, batch_size, self.H)
+        self.xsums = zeroed[n * batch_size * self.H:].view(n_mamba, self.XS, self.NX)
+        self._n_mamba = 0
         self.hbuf = torch.empty(n, batch_size, self.H, device=dev, dtype=dt)
         self._n_split = 0
         # the split layers' last projections, transposed (the kernels read whole rows of the transpose where the
@@ -369,10 +378,11 @@ class FusedDecodeStep:
         self._n_split += 1
         return (h if a is None else self.hbuf[k]), self.accs[k]
 
-    def partials_tile(self) -> int:
-        """x_proj partial sums mamba_ssm reduces at a time: all of them where the (partials x columns) tile
-        stays small (jamba-1b: 128 x 128), in slices for wide models (Jamba-v0.1: 512 partials x 288)."""
-        return max(2, min(_pow2(self.NP, 2), 16384 // _pow2(self.NX)))
+    def partials_tile(self, n: int | None = None) -> int:
+        """x_proj partial sums mamba_ssm reduces at a time (of n, default self.NP): all of them where the
+        (partials x columns) tile stays small (jamba-1b: 128 x 128), in slices for wide models (Jamba-v0.1: 512
+        partials x 288)."""
+        return max(2, min(_pow2(n or self.NP, 2), 16384 // _pow2(self.NX)))
 
     def mamba(self, h, layer, cache, i, a=None):
         """The Mamba mixer and its residual add: -> (h, a), the residual stream and the output still pending on
@@ -380,25 +390,30 @@ class FusedDecodeStep:
         m = layer.mamba
         conv = cache.conv[i]  # (B, K-1, Di)
         fk, t1, t2 = self.fk, self.tiles["mamba_in"], self.tiles["mamba_ssm"]
+        split = "mamba" in self.split
+        if self.XS:  # x_proj summed into XS rows by atomic adds (this mixer's own rows, zeroed with the step)
+            xpart, n_parts = self.xsums[self._n_mamba], self.XS
+            self._n_mamba += 1
+        else:
+            xpart, n_parts = self.xpart, self.NP
         fk.mamba_in_kernel[(2 * self.NP * self.NRB,)](
             h, h.stride(0), _or(a, h), layer.input_layernorm.weight, layer.input_layernorm.eps, m.in_proj.weight,
             m.in_proj.bias if m.in_proj.bias is not None else m.in_proj.weight, conv, conv.stride(0), conv.stride(1),
             m.conv1d.weight, m.conv1d.bias if m.conv1d.bias is not None else m.conv1d.weight, m.x_proj.weight,
-            self.u, self.z, self.xpart, self.B, self.H, self.Di, self.NX,
+            self.u, self.z, xpart, self.B, self.H, self.Di, self.NX,
             HAS_BIN=m.in_proj.bias is not None, HAS_CB=m.conv1d.bias is not None, KC=m.d_conv,
             KP=_pow2(m.d_conv - 1, 1), NU=self.NP, BB=self.BB, BD=t1["BD"], BK=self._k(t1["BK"], t1["BD"], self.H),
             BX=_pow2(self.NX), IEEE=self.ieee, DOT=self.dot,
-            PDL=self.pdl, NRB=self.NRB, ACC=a is not None, PACK=self.pack, num_warps=t1["warps"],
+            PDL=self.pdl, NRB=self.NRB, ACC=a is not None, PACK=self.pack, XS=self.XS, num_warps=t1["warps"],
             launch_pdl=self.pdl)
-        split = "mamba" in self.split
         t2 = self.tiles["mamba_out"] if split else t2
         ho, ao = self._split_out(h, a) if split else (h, h)
         wo, bo = m.out_proj.weight, m.out_proj.bias
         fk.mamba_ssm_kernel[(-(-self.Di // t2["BD"]), self.B)](
-            self.xpart, self.u, self.z, m.dt_proj.weight, m.dt_proj.bias, m.A_log, m.D, m.dt_layernorm.weight,
+            xpart, self.u, self.z, m.dt_proj.weight, m.dt_proj.bias, m.A_log, m.D, m.dt_layernorm.weight,
             m.b_layernorm.weight, m.c_layernorm.weight, m.dt_layernorm.eps, cache.ssm[i], self.y,
-            self._w(wo) if split else wo, _or(bo, wo), h, _or(a, h), ho, ao, self.B, self.Di, self.R, self.N, self.NP,
-            self.H, BD=t2["BD"], BX=_pow2(self.NX), BP=self.tiles["mamba_ssm"].get("BP") or self.partials_tile(),
+            self._w(wo) if split else wo, _or(bo, wo), h, _or(a, h), ho, ao, self.B, self.Di, self.R, self.N, n_parts,
+            self.H, BD=t2["BD"], BX=_pow2(self.NX), BP=self.tiles["mamba_ssm"].get("BP") or self.partials_tile(n_parts),
             BN=_pow2(self.N, 2), PDL=self.pdl, OUT=split, HAS_BO=bo is not None, ACC=split and a is not None,
             BH=min(t2.get("BH", 16), _pow2(self.H)), PACK=self.pack and split, num_warps=t2["warps"],
             launch_pdl=self.pdl, **_regs(t2))
@@ -510,10 +525,10 @@ class FusedDecodeStep:
             raise ValueError(f"this fused step was built for batch {self.B}, got {token_ids.shape[0]} rows")
         h = model.model.embed_tokens(token_ids[:, 0])  # (B, H): a fresh buffer, updated in place below
         a = None  # a split layer's output still pending on h
-        self._n_split = 0
+        self._n_split = self._n_mamba = 0
         self.sync_copies()
-        if self.split:
-            self.accs.zero_()
+        if self._zeroed.numel():
+            self._zeroed.zero_()
         for i, layer in enumerate(model.model.layers):
             if layer.is_attention:
                 h, a = self.attention(h, layer, cache, a)

@@ -6,7 +6,7 @@ RMSNorm of its input rows itself, in the same pass as its matmul, so a norm neve
 own, and each fuses the elementwise work around its matmul:
 
     mamba_in     RMSNorm -> in_proj (u and z) -> causal-conv update (state shifted in place) + SiLU
-                 -> x_proj, written as per-channel-block partial sums
+                 -> x_proj, written as per-channel-block partial sums (split mixers: added into XS rows)
     mamba_ssm    sum of the x_proj partials -> dt/B/C RMSNorms -> dt_proj -> softplus -> SSM state update
                  (in place) -> C contraction + D skip -> silu(z) gate
     router       RMSNorm -> router logits -> softmax -> top-k weights per expert (MoE layers)
@@ -299,12 +299,14 @@ def mamba_in_kernel(
     HAS_BIN: tl.constexpr, HAS_CB: tl.constexpr, KC: tl.constexpr, KP: tl.constexpr, NU: tl.constexpr,
     BB: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr, BX: tl.constexpr, IEEE: tl.constexpr,
     DOT: tl.constexpr, PDL: tl.constexpr, NRB: tl.constexpr, ACC: tl.constexpr, PACK: tl.constexpr,
+    XS: tl.constexpr,
 ):
     """Grid (2 NU * NRB,). Programs [0, NU): BD channels of u = in_proj(RMSNorm(h))[:, :Di], the conv
     update of those channels (conv state (B, KC-1, Di) shifted in place) + SiLU -> u (B, Di), and their
-    share of x_proj: xpart[p] (B, NX) fp32. Programs [NU, 2 NU): BD channels of z = in_proj(...)[:, Di:]
-    -> z (B, Di). ACC: h + the pending output a (see _x_tile). PACK: in_proj as in _matmul.
-    KP: the KC - 1 conv state rows padded to a power of two."""
+    share of x_proj: xpart[p] (B, NX) fp32, or with XS > 0 (one row) that share added by atomic adds into
+    xpart[p % XS] (zeroed before), so that mamba_ssm sums XS rows instead of NU. Programs [NU, 2 NU): BD
+    channels of z = in_proj(...)[:, Di:] -> z (B, Di). ACC: h + the pending output a (see _x_tile). PACK:
+    in_proj as in _matmul. KP: the KC - 1 conv state rows padded to a power of two."""
     pid, r0 = _row_block(tl.program_id(0), NRB, BB)
     h_ptr += r0 * s_hb
     a_ptr += r0 * s_hb
@@ -351,8 +353,11 @@ def mamba_in_kernel(
         tl.store(u_ptr + rows[:, None] * Di + ds[None, :], uc, mask=m2)
         # this block's share of x_proj: (BB, BD) @ (BX, BD)^T
         part = _mm(tl.where(m2, uc, 0.0).to(dt), wx, IEEE, DOT)
-        tl.store(xpart_ptr + pid * B * NX + rows[:, None] * NX + xs[None, :], part,
-                 mask=rmask[:, None] & (xs[None, :] < NX))
+        pmask = rmask[:, None] & (xs[None, :] < NX)
+        if XS > 0:
+            tl.atomic_add(xpart_ptr + (pid % XS) * NX + xs[None, :], part, mask=pmask, sem="relaxed")
+        else:
+            tl.store(xpart_ptr + pid * B * NX + rows[:, None] * NX + xs[None, :], part, mask=pmask)
     else:
         d0 = (pid - NU) * BD
         ds = d0 + tl.arange(0, BD)
@@ -366,13 +371,18 @@ def mamba_in_kernel(
 
 
 @triton.jit
-def _segment_norm(x, xs, lo, hi, w_ptr, eps):
-    """RMSNorm of x[lo:hi] (a slice of the x_proj row), in place in a full-width vector; 0 elsewhere."""
-    dt = w_ptr.dtype.element_ty
+def _segment_w(w_ptr, xs, lo, hi):
+    """The RMSNorm weight of x_proj columns [lo, hi) at their places in a full-width vector (fp32); 0 elsewhere."""
+    return tl.load(w_ptr + (xs - lo), mask=(xs >= lo) & (xs < hi), other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _segment_norm(x, xs, lo, hi, w, eps, dt: tl.constexpr):
+    """RMSNorm of x[lo:hi] (a slice of the x_proj row), in place in a full-width vector; 0 elsewhere. w: the
+    norm weights at their places (_segment_w), dt the model dtype."""
     inside = (xs >= lo) & (xs < hi)
     xm = tl.where(inside, x, 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(xm * xm, axis=0) / (hi - lo) + eps)
-    w = tl.load(w_ptr + (xs - lo), mask=inside, other=0.0).to(dt).to(tl.float32)
     return tl.where(inside, ((xm * rstd).to(dt).to(tl.float32) * w).to(dt).to(tl.float32), 0.0)
 
 
@@ -407,10 +417,12 @@ def mamba_ssm_kernel(
     ns = tl.arange(0, BN)
     nmask = ns < N
     m2 = dmask[:, None] & nmask[None, :]
-    # the weights of these channels first: A, D, the dt bias, and under PDL W_dt (Di, R) rows ds (against
-    # the normalised dt, which sits in x_proj columns [0, R))
+    # the weights of these channels first: A, D, the dt bias, the dt/B/C norm weights (one vector: their
+    # columns of the x_proj row), and under PDL W_dt (Di, R) rows ds (against the normalised dt, which sits in
+    # x_proj columns [0, R))
     if PDL:
         wdt = _dt_proj_rows(wdt_ptr, ds, dmask, xs, R)
+    nwx = _segment_w(dtn_ptr, xs, 0, R) + _segment_w(bn_ptr, xs, R, R + N) + _segment_w(cn_ptr, xs, R + N, NX)
     A = -tl.exp(tl.load(alog_ptr + ds[:, None] * N + ns[None, :], mask=m2, other=0.0).to(tl.float32))
     dskip = tl.load(dsk_ptr + ds, mask=dmask, other=0.0).to(tl.float32)
     dtbias = tl.load(dtb_ptr + ds, mask=dmask, other=0.0).to(tl.float32)
@@ -429,9 +441,9 @@ def mamba_ssm_kernel(
                         mask=(ps[:, None] < NP) & (xs[None, :] < NX), other=0.0)
         xrow += tl.sum(parts, axis=0)
     xrow = xrow.to(dt).to(tl.float32)  # x_proj output (NX,) in the model dtype
-    dtn = _segment_norm(xrow, xs, 0, R, dtn_ptr, eps)
-    bn = _segment_norm(xrow, xs, R, R + N, bn_ptr, eps)
-    cn = _segment_norm(xrow, xs, R + N, R + 2 * N, cn_ptr, eps)
+    dtn = _segment_norm(xrow, xs, 0, R, nwx, eps, dt)
+    bn = _segment_norm(xrow, xs, R, R + N, nwx, eps, dt)
+    cn = _segment_norm(xrow, xs, R + N, NX, nwx, eps, dt)
     if not PDL:  # (the same load late: fewer registers held for the dot form's wider channel blocks)
         wdt = _dt_proj_rows(wdt_ptr, ds, dmask, xs, R)
     delta = tl.sum(wdt * dtn[None, :], axis=1).to(dt).to(tl.float32) + dtbias  # dtn is 0 past column R
