@@ -292,8 +292,9 @@ class FusedDecodeStep:
         # split layers: each one's output accumulator (zeroed at the start of a step) and, where the residual
         # it goes on still had an earlier split layer's output pending, that residual made whole
         n = 2 * c.num_hidden_layers if self.split else 0
-        # and the Mamba mixers' x_proj sums in XS rows each (mamba_in XS; one buffer, so one memset zeroes both)
-        self.XS = self.tiles["mamba_in"].get("XS", 0) if "mamba" in self.split else 0
+        # and the Mamba mixers' x_proj sums in XS rows each (mamba_in XS, at most one per mamba_in block; one
+        # buffer, so one memset zeroes both)
+        self.XS = min(self.tiles["mamba_in"].get("XS", 0), self.NP) if "mamba" in self.split else 0
         n_mamba = sum(not layer.is_attention for layer in model.model.layers) if self.XS else 0
         zeroed = torch.empty(n * batch_size * self.H + n_mamba * self.XS * self.NX, device=dev, dtype=torch.float32)
         self._zeroed = zeroed
@@ -378,11 +379,10 @@ class FusedDecodeStep:
         self._n_split += 1
         return (h if a is None else self.hbuf[k]), self.accs[k]
 
-    def partials_tile(self, n: int | None = None) -> int:
-        """x_proj partial sums mamba_ssm reduces at a time (of n, default self.NP): all of them where the
-        (partials x columns) tile stays small (jamba-1b: 128 x 128), in slices for wide models (Jamba-v0.1: 512
-        partials x 288)."""
-        return max(2, min(_pow2(n or self.NP, 2), 16384 // _pow2(self.NX)))
+    def partials_tile(self, n: int) -> int:
+        """x_proj partial sums (of n) mamba_ssm reduces at a time: all of them where the (partials x columns) tile
+        stays small (jamba-1b: 128 x 128), in slices for wide models (Jamba-v0.1: 512 partials x 288)."""
+        return max(2, min(_pow2(n, 2), 16384 // _pow2(self.NX)))
 
     def mamba(self, h, layer, cache, i, a=None):
         """The Mamba mixer and its residual add: -> (h, a), the residual stream and the output still pending on
