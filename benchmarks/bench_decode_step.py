@@ -10,6 +10,8 @@
                                                             # batch 1: the same kernels at tiny widths
     python benchmarks/bench_decode_step.py --batches 1 --steps fused --no-profile --pack
                                                             # batch 1: packed-word GEMVs against elements
+    python benchmarks/bench_decode_step.py --batches 1 --steps fused --no-profile --fold-router
+                                                            # batch 1: folded routers against router kernels
     python benchmarks/bench_decode_step.py --batches 384,512 --steps fused,static --no-profile --variant mamba
                                                             # step kinds only, the pure Mamba model of the same size
 
@@ -22,7 +24,8 @@ batch 1 the graph alone with the default split layers and with the kernel chain 
 (TINY_WIDTHS: the same kernels, under 2 MB of weights per token), so the difference is what the weight bytes
 add to the chain of dependent kernels.
 --pack times, at batch 1, the graph alone with the GEMVs reading packed int32 words (`pack`, the default for bf16)
-and reading bf16 elements, three rounds in turn.
+and reading bf16 elements, three rounds in turn. --fold-router does the same with the MoE routers folded into the
+Mamba mixers before them (`fold_router`, the default) and with router kernels.
 --sweep times the fused step with each candidate tile configuration of one kernel family at a time
 (coordinate descent from the defaults in inference/fused.py) and reports the best; the defaults there
 come from such sweeps. --sweep-rows does the same for the tensor-core tiles at large batches
@@ -197,6 +200,8 @@ def main(argv=None) -> int:
                    help="batch 1: the graph alone of the model and of its layer schedule at tiny widths")
     p.add_argument("--pack", action="store_true",
                    help="batch 1: the graph alone with packed-word GEMVs and with bf16 elements, three rounds")
+    p.add_argument("--fold-router", action="store_true",
+                   help="batch 1: the graph alone with folded routers and with router kernels, three rounds")
     p.add_argument("--no-profile", action="store_true",
                    help="only the step kinds through the Generator (no profiler pass, no graph-alone PDL on/off)")
     p.add_argument("--out", default="benchmarks/results/decode_step_profile.json")
@@ -237,6 +242,13 @@ def main(argv=None) -> int:
                 record.setdefault("pack_b1_ms", {}).setdefault("packed" if pack else "elements", []).append(ms)
                 print(f"batch   1 fused graph alone, {'packed words' if pack else 'elements':<12} {ms:.4f} ms/token",
                       flush=True)
+    if args.fold_router:
+        for r in range(3):
+            for fold in (True, False):
+                ms = fused_graph_ms(model, 1, args.context, fold_router=fold)
+                name = "folded" if fold else "router kernels"
+                record.setdefault("fold_router_b1_ms", {}).setdefault(name, []).append(ms)
+                print(f"batch   1 fused graph alone, {name:<14} {ms:.4f} ms/token", flush=True)
     if args.chain_floor:
         record["chain_floor_b1_ms"] = chain_floor(model, args.context)
     if args.sweep:  # one row: the default step, every kind split, and the kernel chain (split off)

@@ -37,6 +37,16 @@ projections (whole rows of the transpose, where the weight's own rows would give
 made with the step and refreshed when a weight changes in place (`sync_copies`): for jamba-1b's Mamba
 mixers 56 MiB. The order of the atomic adds is not fixed, so the last bits of those sums can change from run
 to run; under torch's deterministic algorithms no layer is split.
+
+Folded routers (`fold_router`, on request; FOLD_DEFAULT says why not by default): the router of a MoE layer whose
+Mamba mixer is split (and whose MoE is not) runs no kernel. Its logits are linear in the residual the norm reads, up to
+the norm's row scale: Wr (nw * x) / rms(x) with x = h + out_proj(y). So the mixer's mamba_ssm adds them up with
+its out_proj share, from two small fp32 tables made with the step (Wr nw and (Wr nw) Wout, X x (H + Di); jamba-1b
+0.75 MiB in all, refreshed with the copies); ffn_up picks the top-k from them and applies the row scale it
+computes anyway, and down_residual picks the same experts from the same bits before its wait. One kernel boundary
+fewer per MoE layer: on an H200 jamba-1b's step took 350.6-351.6 against 364.7-365.2 us with the router kernels
+(benchmarks/KERNEL_NOTES.md, version 17). The logits are summed in fp32 without the eager step's bf16 roundings of
+the residual, the normed row and the logits, so a near tie between two experts can go the other way.
 """
 
 from __future__ import annotations
@@ -69,6 +79,13 @@ AUTO_CACHE_SLOPE = 3.3
 # version 13).
 SPLIT_KINDS = ("mamba", "mlp", "moe")
 SPLIT_DEFAULT = ("mamba",)
+# Folded routers (one row, `fold_router`): a MoE layer whose Mamba mixer is split and whose MoE is not takes its
+# router logits from the mixer's mamba_ssm, which adds them up by linearity (fused_kernels.mamba_ssm_kernel, FOLD),
+# so no router kernel runs. Faster on an H200 (jamba-1b, batch 1: 350.6-351.6 against 364.7-365.2 us per token), but
+# off by default: its fp32 logits resolve near ties between experts differently from the eager step's bf16 ones,
+# and at jamba-1b sizes in bf16 (random weights) that took one run past the bound of
+# tests/inference/test_gpu_inference.py::test_packed_words_at_real_size_bf16 (benchmarks/KERNEL_NOTES.md, version 17).
+FOLD_DEFAULT = False
 
 # Batches up to this run the matmuls as GEMVs in registers, larger ones as tensor-core dots. One row: on the
 # H200 the GEMV form with a 4-row tile gave fp32 errors of ~1e-3 against the static step (jamba-tiny and
@@ -227,7 +244,7 @@ class FusedDecodeStep:
     """One decoding token per row through the fused kernels; see the module docstring."""
 
     def __init__(self, model, batch_size: int, tiles: dict | None = None, pdl: bool | None = None,
-                 split: bool | None = None, pack: bool | None = None):
+                 split: bool | None = None, pack: bool | None = None, fold_router: bool | None = None):
         """tiles: per-kernel overrides of default_tiles(batch_size, pack). pdl: launch with programmatic dependent
         launch; None: for the GEMV form where the device supports it (on an H200: 0.485 vs 0.62 ms per jamba-1b
         token at batch 1, but 1.141 vs 1.054 ms in the tensor-core form at batch 16); True where the device
@@ -240,7 +257,10 @@ class FusedDecodeStep:
         of two bf16 each and widen them by a shift or a mask, their products in the weight tile's own layout (on
         an H200 0.389 against 0.442 ms per jamba-1b token for the element form, each at its own tiles;
         benchmarks/KERNEL_NOTES.md, version 15); None: wherever it can (pack_unavailable), True where it cannot
-        is an error. Split MLP and MoE layers (ffn_split) read elements either way."""
+        is an error. Split MLP and MoE layers (ffn_split) read elements either way. fold_router: MoE layers after a
+        split Mamba mixer (the MoE itself not split) take their routing from logits the mixer's mamba_ssm adds up
+        by linearity, with no router kernel (the router's weight times its norm's, and that times out_proj,
+        refreshed with the copies); None: FOLD_DEFAULT where a layer can, True where none can is an error."""
         reason = fused_unavailable(model, batch_size)
         if reason:
             raise RuntimeError(f"the fused decoding step cannot run: {reason}")
@@ -296,10 +316,7 @@ class FusedDecodeStep:
         # buffer, so one memset zeroes both)
         self.XS = min(self.tiles["mamba_in"].get("XS", 0), self.NP) if "mamba" in self.split else 0
         n_mamba = sum(not layer.is_attention for layer in model.model.layers) if self.XS else 0
-        zeroed = torch.empty(n * batch_size * self.H + n_mamba * self.XS * self.NX, device=dev, dtype=torch.float32)
-        self._zeroed = zeroed
-        self.accs = zeroed[:n * batch_size * self.H].view(n, batch_size, self.H)
-        self.xsums = zeroed[n * batch_size * self.H:].view(n_mamba, self.XS, self.NX)
+        n_zeroed = n * batch_size * self.H + n_mamba * self.XS * self.NX
         self._n_mamba = 0
         self.hbuf = torch.empty(n, batch_size, self.H, device=dev, dtype=dt)
         self._n_split = 0
@@ -311,6 +328,32 @@ class FusedDecodeStep:
                 self._copy(layer.mamba.out_proj.weight)
             if _ffn_kind(layer) in self.split:
                 self._copy(self._ffn_weights(layer)[3])
+        # folded routers: layer -> [its table (X, Di + H) fp32, its logits, the sources' stamps, the sources]
+        folding = [i for i, layer in enumerate(model.model.layers) if self._foldable(layer)]
+        if fold_router and not folding:
+            raise RuntimeError("a folded router was requested but no layer can take one: it needs one row, a MoE "
+                               "layer after a split Mamba mixer (split includes 'mamba') and the MoE not split")
+        if not (FOLD_DEFAULT if fold_router is None else fold_router):
+            folding = []
+        self.BXP = _pow2(max(self.X, 1), 2)
+        n_lg = len(folding) * self.BXP
+        zeroed = torch.empty(n_zeroed + n_lg, device=dev, dtype=torch.float32)
+        self._zeroed = zeroed
+        self.accs = zeroed[:n * batch_size * self.H].view(n, batch_size, self.H)
+        self.xsums = zeroed[n * batch_size * self.H:n_zeroed].view(n_mamba, self.XS, self.NX)
+        lgs = zeroed[n_zeroed:].view(len(folding), self.BXP)
+        self._folds = {}
+        for k, i in enumerate(folding):
+            layer = model.model.layers[i]
+            self._folds[i] = [torch.empty(self.X, self.Di + self.H, device=dev, dtype=torch.float32), lgs[k], None,
+                              (layer.feed_forward.router.weight, layer.pre_ff_layernorm.weight,
+                               layer.mamba.out_proj.weight)]
+        self.sync_copies()
+
+    def _foldable(self, layer) -> bool:
+        """Whether this layer's router can be folded into its Mamba mixer's mamba_ssm (see fold_router)."""
+        return (layer.is_moe and not layer.is_attention and "mamba" in self.split and "moe" not in self.split
+                and self.slots > 0)
 
     def _k(self, bk: int, wrows: int, k: int) -> int:
         """The reduction tile for this batch and reduction length k. GEMV tiles hold rows x wrows x tile
@@ -335,14 +378,15 @@ class FusedDecodeStep:
             ACC=a is not None, PACK=self.pack, num_warps=t["warps"], launch_pdl=self.pdl)
         return out
 
-    def down_residual(self, h, act, weight, bias=None, routed=False, X=1, a=None):
+    def down_residual(self, h, act, weight, bias=None, routed=False, X=1, a=None, lg=None):
         """h += act @ weight^T (+ bias), in place; routed: the MoE's weighted sum over experts; a: a split
-        layer's output still to be added to h first, or None."""
+        layer's output still to be added to h first, or None; lg: a folded router's logits, or None."""
         t = self.tiles["down_moe" if routed else "down"]
         F = weight.shape[-1]
         self.fk.down_residual_kernel[(-(-self.H // t["BH"]) * self.NRB,)](
             act, weight, weight.stride(0) if routed else 0, bias if bias is not None else weight, self.wsel, h,
-            h.stride(0), _or(a, h), self.B, self.H, F, X, ROUTED=routed, SP=self.slots if routed else 0,
+            h.stride(0), _or(a, h), self.B, self.H, F, X, _or(lg, self.wsel), ROUTED=routed,
+            SP=self.slots if routed else 0, FOLD=lg is not None, TOPK=self.K,
             BXP=_pow2(X, 2), HAS_BIAS=bias is not None, BB=self.BB, BH=t["BH"], BF=self._k(t["BF"], t["BH"], F),
             IEEE=self.ieee, DOT=self.dot, PDL=self.pdl, NRB=self.NRB, ACC=a is not None, PACK=self.pack,
             num_warps=t["warps"], launch_pdl=self.pdl)
@@ -367,6 +411,16 @@ class FusedDecodeStep:
                 with torch.no_grad():
                     entry[0].copy_(w.detach().transpose(-1, -2))
                 entry[1] = now
+                n += 1
+        for entry in self._folds.values():  # folded routers: (Wr nw) Wout and Wr nw, computed in fp64
+            table, _, stamp, (wr, nw, wo) = entry
+            now = tuple((w._version, w.data_ptr()) for w in (wr, nw, wo))
+            if now != stamp:
+                with torch.no_grad():
+                    r = wr.detach().double() * nw.detach().double()
+                    table[:, :self.Di].copy_(r @ wo.detach().double())
+                    table[:, self.Di:].copy_(r)
+                entry[2] = now
                 n += 1
         return n
 
@@ -409,14 +463,18 @@ class FusedDecodeStep:
         t2 = self.tiles["mamba_out"] if split else t2
         ho, ao = self._split_out(h, a) if split else (h, h)
         wo, bo = m.out_proj.weight, m.out_proj.bias
-        fk.mamba_ssm_kernel[(-(-self.Di // t2["BD"]), self.B)](
+        nprog = -(-self.Di // t2["BD"])
+        fold = self._folds.get(i)
+        S = -(-self.H // nprog)  # folded router: hidden units per program
+        fk.mamba_ssm_kernel[(nprog, self.B)](
             xpart, self.u, self.z, m.dt_proj.weight, m.dt_proj.bias, m.A_log, m.D, m.dt_layernorm.weight,
             m.b_layernorm.weight, m.c_layernorm.weight, m.dt_layernorm.eps, cache.ssm[i], self.y,
             self._w(wo) if split else wo, _or(bo, wo), h, _or(a, h), ho, ao, self.B, self.Di, self.R, self.N, n_parts,
-            self.H, BD=t2["BD"], BX=_pow2(self.NX), BP=self.tiles["mamba_ssm"].get("BP") or self.partials_tile(n_parts),
+            self.H, fold[0] if fold else xpart, fold[1] if fold else xpart, self.X, S,
+            BD=t2["BD"], BX=_pow2(self.NX), BP=self.tiles["mamba_ssm"].get("BP") or self.partials_tile(n_parts),
             BN=_pow2(self.N, 2), PDL=self.pdl, OUT=split, HAS_BO=bo is not None, ACC=split and a is not None,
-            BH=min(t2.get("BH", 16), _pow2(self.H)), PACK=self.pack and split, num_warps=t2["warps"],
-            launch_pdl=self.pdl, **_regs(t2))
+            BH=min(t2.get("BH", 16), _pow2(self.H)), PACK=self.pack and split, FOLD=fold is not None, BXP=self.BXP,
+            HS=_pow2(S, 1), num_warps=t2["warps"], launch_pdl=self.pdl, **_regs(t2))
         if split:
             return ho, ao
         self.down_residual(h, self.y, m.out_proj.weight, m.out_proj.bias, a=a)
@@ -472,15 +530,17 @@ class FusedDecodeStep:
         self.down_residual(h, self._attn_out, a.o_proj.weight, a=pending)
         return h, None
 
-    def ffn(self, h, layer, a=None):
-        """The MLP or MoE and its residual add: -> (h, a) as in mamba."""
+    def ffn(self, h, layer, a=None, i=None):
+        """The MLP or MoE and its residual add: -> (h, a) as in mamba; i: the layer's index (its folded router)."""
         if _ffn_kind(layer) in self.split:
             return self._ffn_split(h, layer, a)
         ff, norm = layer.feed_forward, layer.pre_ff_layernorm
         t = self.tiles["ffn_up"]
         X, wg, wu, wd, s_up = self._ffn_weights(layer)
         routed = layer.is_moe
-        if routed:
+        fold = self._folds.get(i)  # routing from the logits the mixer's mamba_ssm added up
+        lg = fold[1] if fold else None
+        if routed and not fold:
             bxp = _pow2(X, 2)
             self.fk.router_kernel[(self.B,)](  # the whole router weight in one tile up to 8K elements
                 h, h.stride(0), _or(a, h), norm.weight, norm.eps, ff.router.weight, self.wsel, self.B, self.H, X,
@@ -489,10 +549,11 @@ class FusedDecodeStep:
         sp = self.slots if routed else 0  # one row: a program per F block and picked expert, not per expert
         self.fk.ffn_up_kernel[(-(-self.F // t["BF"]) * self.NRB, self.K if sp else X)](
             h, h.stride(0), _or(a, h), norm.weight, norm.eps, wg, wu, s_up, self.act, self.wsel, self.B, self.H,
-            self.F, X, ROUTED=routed, SP=sp, BXP=_pow2(X, 2), BB=self.BB, BF=t["BF"],
+            self.F, X, _or(lg, self.wsel), ROUTED=routed, SP=sp, BXP=_pow2(X, 2), BB=self.BB, BF=t["BF"],
             BK=self._k(t["BK"], 2 * t["BF"], self.H), IEEE=self.ieee, DOT=self.dot, PDL=self.pdl, NRB=self.NRB,
-            ACC=a is not None, PACK=self.pack, num_warps=t["warps"], launch_pdl=self.pdl)
-        self.down_residual(h, self.act, wd, routed=routed, X=X, a=a)
+            ACC=a is not None, PACK=self.pack, FOLD=fold is not None, TOPK=self.K, num_warps=t["warps"],
+            launch_pdl=self.pdl)
+        self.down_residual(h, self.act, wd, routed=routed, X=X, a=a, lg=lg)
         return h, None
 
     def _ffn_weights(self, layer):
@@ -534,7 +595,7 @@ class FusedDecodeStep:
                 h, a = self.attention(h, layer, cache, a)
             else:
                 h, a = self.mamba(h, layer, cache, i, a)
-            h, a = self.ffn(h, layer, a)
+            h, a = self.ffn(h, layer, a, i)
         logits = self.norm_linear(h, model.model.final_layernorm, model.lm_head.weight, a=a)
         cache.pos.add_(1)
         return logits

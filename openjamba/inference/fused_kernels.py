@@ -9,7 +9,8 @@ own, and each fuses the elementwise work around its matmul:
                  -> x_proj, written as per-channel-block partial sums (split mixers: added into XS rows)
     mamba_ssm    sum of the x_proj partials -> dt/B/C RMSNorms -> dt_proj -> softplus -> SSM state update
                  (in place) -> C contraction + D skip -> silu(z) gate
-    router       RMSNorm -> router logits -> softmax -> top-k weights per expert (MoE layers)
+    router       RMSNorm -> router logits -> softmax -> top-k weights per expert (MoE layers; one row after a
+                 split Mamba mixer: folded into its mamba_ssm by linearity, no kernel, see mamba_ssm_kernel FOLD)
     ffn_up       RMSNorm -> gate/up of the routed experts only (or the dense MLP) -> SiLU * up
     down_residual  down projection of the routed experts (or one linear layer), weighted sum over experts,
                  residual add in place (MoE and MLP down, Mamba out_proj, attention o_proj)
@@ -396,9 +397,10 @@ def _dt_proj_rows(wdt_ptr, ds, dmask, xs, R):
 @triton.jit
 def mamba_ssm_kernel(
     xpart_ptr, u_ptr, z_ptr, wdt_ptr, dtb_ptr, alog_ptr, dsk_ptr, dtn_ptr, bn_ptr, cn_ptr, eps,
-    state_ptr, y_ptr, wo_ptr, bo_ptr, h_ptr, a_ptr, ho_ptr, ao_ptr, B, Di, R, N, NP, H,
+    state_ptr, y_ptr, wo_ptr, bo_ptr, h_ptr, a_ptr, ho_ptr, ao_ptr, B, Di, R, N, NP, H, fold_ptr, lg_ptr, X, S,
     BD: tl.constexpr, BX: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PDL: tl.constexpr, OUT: tl.constexpr,
-    HAS_BO: tl.constexpr, ACC: tl.constexpr, BH: tl.constexpr, PACK: tl.constexpr,
+    HAS_BO: tl.constexpr, ACC: tl.constexpr, BH: tl.constexpr, PACK: tl.constexpr, FOLD: tl.constexpr,
+    BXP: tl.constexpr, HS: tl.constexpr,
 ):
     """Grid (cdiv(Di, BD), B): x_proj row b = sum of the NP partials, rounded to the model dtype; RMSNorms
     of its dt (R), B and C (N) parts; dt for BD channels = dt_proj(dt) (rounded), + bias, softplus; the
@@ -406,7 +408,13 @@ def mamba_ssm_kernel(
     OUT (one row): instead of storing y, the out_proj (H, Di) split over the channel blocks: each program adds
     its channels' share (+ the bias, program 0) to ao (_down_split, from wo = out_proj transposed (Di, H); its
     first block read before the wait), and with ACC program 0 writes h + a, the residual that output goes on,
-    to ho. Without OUT the arguments from wo_ptr to ao_ptr are not read."""
+    to ho. Without OUT the arguments from wo_ptr to ao_ptr are not read.
+    FOLD (with OUT): the next MoE router's logits before its norm's row scale, by linearity. The layer's output
+    goes onto the residual as h + out_proj(y) (+ bias), and the router reads RMSNorm of that: its logits are
+    rstd * (Wr nw) (h + bias) + rstd * ((Wr nw) Wout) y, rstd the norm's row scale. fold (X, Di + H) fp32 holds
+    (Wr nw) Wout in columns [0, Di) and Wr nw in [Di, Di + H): each program adds its channels' share of the
+    second term and its slice of S hidden units' share of the first (read before the wait) into lg (BXP, zeroed
+    before the step) by atomic adds; ffn_up and down_residual read it, so no router kernel runs."""
     pd = tl.program_id(0)
     b = tl.program_id(1)
     dt = u_ptr.dtype.element_ty
@@ -430,6 +438,21 @@ def mamba_ssm_kernel(
     h = tl.load(s_ptrs, mask=m2, other=0.0, cache_modifier=".cg")  # the state (last written a token ago)
     if OUT:
         wo0 = _split_w(wo_ptr, Di, pd * BD, H, 0, BH, BD, PACK)
+    if FOLD:  # this program's columns of the folded router and its hidden slice's share (h is final two kernels back)
+        es = tl.arange(0, BXP)
+        emask = es < X
+        fmt = tl.load(fold_ptr + es[:, None] * (Di + H) + ds[None, :], mask=emask[:, None] & dmask[None, :], other=0.0)
+        js = pd * S + tl.arange(0, HS)
+        jmask = (tl.arange(0, HS) < S) & (js < H)
+        fr = tl.load(fold_ptr + es[:, None] * (Di + H) + Di + js[None, :], mask=emask[:, None] & jmask[None, :],
+                     other=0.0)
+        hx = tl.load(h_ptr + js, mask=jmask, other=0.0, cache_modifier=".cg")
+        if ACC:
+            hx = _pending_add(hx, a_ptr + js, jmask)
+        hx = hx.to(tl.float32)
+        if HAS_BO:
+            hx += tl.load(bo_ptr + js, mask=jmask, other=0.0).to(tl.float32)
+        lg = tl.sum(fr * hx[None, :], axis=1)  # (BXP,)
     _after_previous_kernel(PDL)
     # u and z issued with the partials below, their latencies overlapping
     u = tl.load(u_ptr + b * Di + ds, mask=dmask, other=0.0).to(tl.float32)
@@ -455,8 +478,11 @@ def mamba_ssm_kernel(
     y = tl.sum(h * cvec[None, :], axis=1) + u * dskip
     y = y * zz * tl.sigmoid(zz)
     if OUT:
-        _down_split(wo0, wo_ptr, Di, pd * BD, tl.where(dmask, y.to(dt).to(tl.float32), 0.0)[None, :], 1.0, ao_ptr, H,
-                    BH, BD, PACK)
+        yo = tl.where(dmask, y.to(dt).to(tl.float32), 0.0)
+        _down_split(wo0, wo_ptr, Di, pd * BD, yo[None, :], 1.0, ao_ptr, H, BH, BD, PACK)
+        if FOLD:
+            lg += tl.sum(fmt * yo[None, :], axis=1)
+            tl.atomic_add(lg_ptr + es, lg, mask=emask, sem="relaxed")
         if pd == 0:
             if HAS_BO:
                 for h0 in range(0, H, BH):
@@ -508,9 +534,8 @@ def _top_k(logits, X, TOPK: tl.constexpr, BXP: tl.constexpr, dt: tl.constexpr):
 def _picked_experts(wsel_ptr, X, BXP: tl.constexpr, SP: tl.constexpr):
     """The experts a one-row batch picked: wsel (X, 1) from router_kernel -> their indices in increasing
     order (SP,), their routing weights (SP,) and which of the SP slots hold one (SP >= top-k; a weight that
-    rounded to 0 picks nothing, as in the loop over experts). Loaded past L1: see the module docstring."""
-    xs = tl.arange(0, BXP)
-    return _pick(tl.load(wsel_ptr + xs, mask=xs < X, other=0.0, cache_modifier=".cg"), BXP, SP)
+    rounded to 0 picks nothing, as in the loop over experts). Read once per program (_load_once)."""
+    return _pick(_load_once(wsel_ptr, X, BXP), BXP, SP)
 
 
 @triton.jit
@@ -526,12 +551,52 @@ def _pick(w, BXP: tl.constexpr, SP: tl.constexpr):
 
 
 @triton.jit
+def _load_once(ptr, n, BXP: tl.constexpr):
+    """ptr[:n] as (BXP,) fp32 (0 past n), read past L1 (".cg", see the module docstring) by the lanes of one row of a
+    (32, BXP) tile and passed to every thread by the tile's sum over its rows (exact: the other rows are 0). A
+    kernel's hundreds of programs then ask L2 for the line once each instead of once per warp: every request for
+    one line is served by one L2 slice, so a line that every warp of a kernel reads holds the kernel up (with 16
+    rows of router logits read by every warp of a MoE ffn_up's 352 programs of 8 warps, each program took twice as
+    long; the picked experts read once per program: ~10 us less per jamba-1b token, KERNEL_NOTES.md version 17)."""
+    rows = tl.arange(0, 32)
+    xs = tl.arange(0, BXP)
+    tile = tl.load(ptr + rows[:, None] * 0 + xs[None, :], mask=(rows[:, None] == 0) & (xs[None, :] < n), other=0.0,
+                   cache_modifier=".cg")
+    return tl.sum(tile.to(tl.float32), axis=0)
+
+
+@triton.jit
+def _top_slots(logits, X, TOPK: tl.constexpr, BXP: tl.constexpr, SP: tl.constexpr):
+    """The top-k experts of router logits (BXP,) (valid below X; lowest expert index first on ties) -> their
+    indices in increasing order (SP,) and which of the SP slots hold one. Comparisons only: the same logits
+    give the same experts in every kernel."""
+    xs = tl.arange(0, BXP)
+    lg = tl.where(xs < X, logits, float("-inf"))
+    ahead = (lg[None, :] > lg[:, None]) | ((lg[None, :] == lg[:, None]) & (xs[None, :] < xs[:, None]))
+    picked = ((tl.sum(ahead.to(tl.int32), axis=1) < TOPK) & (xs < X)).to(tl.int32)
+    hit = (picked[None, :] != 0) & ((tl.cumsum(picked, axis=0) - 1)[None, :] == tl.arange(0, SP)[:, None])
+    return tl.sum(tl.where(hit, xs[None, :], 0), axis=1), tl.sum(hit.to(tl.int32), axis=1) != 0
+
+
+@triton.jit
+def _folded_probs(logits, rstd, X, BXP: tl.constexpr, dt: tl.constexpr):
+    """A folded router's softmax (BXP,) over the X experts (0 past X) from its logits before the row scale (from
+    mamba_ssm_kernel, FOLD) and the norm's row scale rstd: router_kernel's roundings (the scaled logits and each
+    weight rounded to the dtype, _top_k)."""
+    xs = tl.arange(0, BXP)
+    lg = tl.where(xs < X, (logits * rstd).to(dt).to(tl.float32), float("-inf"))
+    p = tl.exp(lg - tl.max(lg, axis=0))
+    return tl.where(xs < X, (p / tl.sum(p, axis=0)).to(dt).to(tl.float32), 0.0)
+
+
+@triton.jit
 def _gate_up(h_ptr, s_hb, nw_ptr, eps, wg0, wu0, wg_ptr, wu_ptr, f0, F, B, H, BB: tl.constexpr, BF: tl.constexpr,
              BK: tl.constexpr, IEEE: tl.constexpr, DOT: tl.constexpr, a_ptr=None, ACC: tl.constexpr = False,
              PACK: tl.constexpr = False):
-    """(BB, BF) fp32 = silu(gate x) * up x for gate/up rows [f0, f0 + BF) (row-major (F, H) weights whose first
-    tiles wg0, wu0 the caller loaded) and x = RMSNorm(h) (+ a, see _x_tile): gate and up in one pass over H,
-    the norm as in _matmul, rounded where the eager layers round. PACK: as in _matmul."""
+    """(BB, BF) fp32 = silu(gate x) * up x, and the norm's row scale (a scalar with PACK, else (BB, 1)), for gate/up
+    rows [f0, f0 + BF) (row-major (F, H) weights whose first tiles wg0, wu0 the caller loaded) and x = RMSNorm(h)
+    (+ a, see _x_tile): gate and up in one pass over H, the norm as in _matmul, rounded where the eager layers
+    round. PACK: as in _matmul."""
     dt = h_ptr.dtype.element_ty
     if PACK:
         xl, xh, ss = _x_halves(h_ptr, nw_ptr, 0, H, BK // 2, True, a_ptr, ACC)
@@ -554,20 +619,23 @@ def _gate_up(h_ptr, s_hb, nw_ptr, eps, wg0, wu0, wg_ptr, wu_ptr, f0, F, B, H, BB
             up += _mm(x, _w_tile(wu_ptr, H, f0, F, k0, H, BF, BK), IEEE, DOT)
         rstd = (1.0 / tl.sqrt(ss / H + eps))[:, None]
     g = (g * rstd).to(dt).to(tl.float32)
-    return (g * tl.sigmoid(g)).to(dt).to(tl.float32) * (up * rstd).to(dt).to(tl.float32)
+    return (g * tl.sigmoid(g)).to(dt).to(tl.float32) * (up * rstd).to(dt).to(tl.float32), rstd
 
 
 @triton.jit
 def ffn_up_kernel(
-    h_ptr, s_hb, a_ptr, nw_ptr, eps, wg_ptr, wu_ptr, s_we, act_ptr, wsel_ptr, B, H, F, X,
+    h_ptr, s_hb, a_ptr, nw_ptr, eps, wg_ptr, wu_ptr, s_we, act_ptr, wsel_ptr, B, H, F, X, lg_ptr,
     ROUTED: tl.constexpr, SP: tl.constexpr, BXP: tl.constexpr, BB: tl.constexpr, BF: tl.constexpr,
     BK: tl.constexpr, IEEE: tl.constexpr, DOT: tl.constexpr, PDL: tl.constexpr, NRB: tl.constexpr,
-    ACC: tl.constexpr, PACK: tl.constexpr,
+    ACC: tl.constexpr, PACK: tl.constexpr, FOLD: tl.constexpr, TOPK: tl.constexpr,
 ):
     """Grid (cdiv(F, BF) * NRB, X), or (cdiv(F, BF), top-k) with SP > 0 (one row: program_id(1) is a slot of
     _picked_experts). Expert e of a MoE (ROUTED: rows with wsel[e, b] != 0, from router_kernel) or the
     dense MLP (X = 1, every row): act[e, b, f-block] = silu(gate_e x) * up_e x with x = RMSNorm(h). An
-    expert no row picked reads no weights (so a MoE's weights wait for the routing). PACK: see _matmul."""
+    expert no row picked reads no weights (so a MoE's weights wait for the routing). PACK: see _matmul.
+    FOLD (one row, a router folded into the mamba_ssm before, see mamba_ssm_kernel): the slot's expert is the top-k
+    of its logits at lg (_top_slots), and program (0, 0) writes the routing weights to wsel for down_residual
+    (_folded_probs with the norm's row scale of _gate_up)."""
     pf, r0 = _row_block(tl.program_id(0), NRB, BB)
     h_ptr += r0 * s_hb
     a_ptr += r0 * s_hb
@@ -579,8 +647,13 @@ def ffn_up_kernel(
     f0 = pf * BF
     if ROUTED:
         _after_previous_kernel(PDL)
-        if SP > 0:
+        if FOLD:  # one line, read by every warp: faster here than _load_once's exchange through shared memory
+            xs = tl.arange(0, BXP)
+            logits = tl.load(lg_ptr + xs, mask=xs < X, other=0.0, cache_modifier=".cg")
+            es, valid = _top_slots(logits, X, TOPK, BXP, SP)
+        elif SP > 0:
             es, _, valid = _picked_experts(wsel_ptr, X, BXP, SP)
+        if SP > 0:
             here = tl.arange(0, SP) == tl.program_id(1)
             e = tl.sum(tl.where(here, es, 0), axis=0)
             go = tl.sum(tl.where(here & valid, 1, 0), axis=0) != 0
@@ -597,8 +670,14 @@ def ffn_up_kernel(
         wu0 = _w_tile(wu_ptr + e * s_we, H, f0, F, 0, H, BF, BK, PACK)
         if not ROUTED:
             _after_previous_kernel(PDL)
-        a = _gate_up(h_ptr, s_hb, nw_ptr, eps, wg0, wu0, wg_ptr + e * s_we, wu_ptr + e * s_we, f0, F, B - r0, H,
-                     BB, BF, BK, IEEE, DOT, a_ptr, ACC, PACK)
+        a, rstd = _gate_up(h_ptr, s_hb, nw_ptr, eps, wg0, wu0, wg_ptr + e * s_we, wu_ptr + e * s_we, f0, F, B - r0,
+                           H, BB, BF, BK, IEEE, DOT, a_ptr, ACC, PACK)
+        if FOLD:
+            if (pf == 0) & (tl.program_id(1) == 0):  # the routing weights, for down_residual
+                chosen = tl.sum(tl.where(valid[:, None] & (es[:, None] == xs[None, :]), 1, 0), axis=0) != 0
+                one = tl.max(tl.max(rstd + tl.zeros((1, 1), tl.float32), axis=1), axis=0)  # one row: a scalar
+                p = _folded_probs(logits, one, X, BXP, dt)
+                tl.store(wsel_ptr + xs, tl.where(chosen, p, 0.0), mask=xs < X)
         fs = f0 + tl.arange(0, BF)
         tl.store(act_ptr + e * B * F + rows[:, None] * F + fs[None, :], a.to(dt),
                  mask=rmask[:, None] & (fs[None, :] < F))
@@ -639,10 +718,10 @@ def _slots_mm(act_ptr, es, valid, w, f0, F, BF: tl.constexpr, PACK: tl.constexpr
 
 @triton.jit
 def down_residual_kernel(
-    act_ptr, wd_ptr, s_we, bias_ptr, wsel_ptr, h_ptr, s_hb, a_ptr, B, H, F, X,
+    act_ptr, wd_ptr, s_we, bias_ptr, wsel_ptr, h_ptr, s_hb, a_ptr, B, H, F, X, lg_ptr,
     ROUTED: tl.constexpr, SP: tl.constexpr, BXP: tl.constexpr, HAS_BIAS: tl.constexpr, BB: tl.constexpr,
     BH: tl.constexpr, BF: tl.constexpr, IEEE: tl.constexpr, DOT: tl.constexpr, PDL: tl.constexpr,
-    NRB: tl.constexpr, ACC: tl.constexpr, PACK: tl.constexpr,
+    NRB: tl.constexpr, ACC: tl.constexpr, PACK: tl.constexpr, FOLD: tl.constexpr, TOPK: tl.constexpr,
 ):
     """Grid (cdiv(H, BH) * NRB,): h[:, block] += the layer output, in place, rounded as the eager layers round.
 
@@ -653,7 +732,9 @@ def down_residual_kernel(
     W (H, F): the MLP's down projection, Mamba's out_proj, attention's o_proj; its first tile is read
     before the wait. The residual h is read before the wait too (written two or more kernels back), with ACC
     the pending output a of a split layer further back added to it (see _x_tile). PACK (one row): the weights as
-    int32 words (_w_tile, _slots_w)."""
+    int32 words (_w_tile, _slots_w). FOLD (one row, a router folded into the mamba_ssm two kernels back): the
+    experts are the top-k of its logits at lg, before the wait (_top_slots on the bits ffn_up read, so the same
+    experts), their weights from wsel after it (written by ffn_up)."""
     hb, r0 = _row_block(tl.program_id(0), NRB, BB)
     h_ptr += r0 * s_hb
     a_ptr += r0 * s_hb
@@ -673,11 +754,18 @@ def down_residual_kernel(
     hv = hv.to(tl.float32)
     out = tl.zeros((BB, BH), tl.float32)
     if ROUTED:
-        if SP > 0:
+        if FOLD:
+            es, valid = _top_slots(_load_once(lg_ptr, X, BXP), X, TOPK, BXP, SP)
+        elif SP > 0:
             es, ws, valid = _picked_experts(wsel_ptr, X, BXP, SP)
+        if SP > 0:
             es = es.to(tl.int64)
             w0 = _slots_w(wd_ptr, s_we, es, valid, hs, hmask, 0, F, BF, PACK)
             _after_previous_kernel(PDL)
+            if FOLD:
+                xs = tl.arange(0, BXP)
+                ws = tl.sum(tl.where(valid[:, None] & (es[:, None] == xs[None, :]),
+                                     _load_once(wsel_ptr, X, BXP)[None, :], 0.0), axis=1)
             acc = _slots_mm(act_ptr, es, valid, w0, 0, F, BF, PACK)
             for f0 in range(BF, F, BF):
                 w = _slots_w(wd_ptr, s_we, es, valid, hs, hmask, f0, F, BF, PACK)
@@ -761,7 +849,8 @@ def _swiglu_down(h_ptr, a_ptr, nw_ptr, eps, wg0, wu0, wd0, wg_ptr, wu_ptr, wd_pt
                  BF: tl.constexpr, BK: tl.constexpr, BH: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr):
     """One row's F block of an MLP: act = silu(gate x) * up x (_gate_up), then its share of the down projection
     (H, F), times scale, added to ao (_down_split)."""
-    act = _gate_up(h_ptr, H, nw_ptr, eps, wg0, wu0, wg_ptr, wu_ptr, f0, F, 1, H, 1, BF, BK, IEEE, False, a_ptr, ACC)
+    act, _ = _gate_up(h_ptr, H, nw_ptr, eps, wg0, wu0, wg_ptr, wu_ptr, f0, F, 1, H, 1, BF, BK, IEEE, False, a_ptr,
+                      ACC)
     _down_split(wd0, wd_ptr, F, f0, act, scale, ao_ptr, H, BH, BF)
 
 

@@ -13,7 +13,8 @@
   shorter chunks instead of being refused.
 - decode workspace: attention scores over the whole cache, logits, MoE temporaries of one step.
 - step copies: at one row, the fused step's transposed copies of its split layers' last projections
-  (fused.SPLIT_DEFAULT: the Mamba mixers' out_proj), resident beside the weights.
+  (fused.SPLIT_DEFAULT: the Mamba mixers' out_proj) and its folded routers' tables (fused.FOLD_DEFAULT),
+  resident beside the weights.
 - reserve: allocator slack and library workspaces (cuBLAS, CUDA graph pools): a fixed amount plus a fraction.
 """
 
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..memory import format_bytes as _format_bytes
-from .fused import GEMV_MAX_ROWS, SPLIT_DEFAULT
+from .fused import FOLD_DEFAULT, GEMV_MAX_ROWS, SPLIT_DEFAULT
 
 
 def format_bytes(n: float) -> str:
@@ -161,6 +162,9 @@ def plan_memory(config, dtype=torch.bfloat16, batch: int = 1, context: int = 204
                     "mlp": sum(not config.is_moe(i) for i in range(config.num_hidden_layers)) * F * H,
                     "moe": sum(config.is_moe(i) for i in range(config.num_hidden_layers)) * X * F * H}
         copies = sum(per_kind[k] for k in SPLIT_DEFAULT) * nb
+        if FOLD_DEFAULT and "mamba" in SPLIT_DEFAULT and "moe" not in SPLIT_DEFAULT:  # folded routers' fp32 tables
+            copies += sum(config.is_moe(i) and not config.is_attention(i)
+                          for i in range(config.num_hidden_layers)) * X * (Di + H) * 4
     subtotal = weights + copies + kv + mamba + key_mask + max(prefill_peak, decode_ws)
     reserve = RESERVE_FIXED + int(RESERVE_FRACTION * subtotal)
     detail = dict(batch=batch, context=context, chunk_size=C, dtype=str(dtype).replace("torch.", ""),

@@ -268,18 +268,87 @@ def test_split_layers_are_one_row_only_and_off_under_deterministic_algorithms():
         torch.use_deterministic_algorithms(False)
 
 
-@pytest.mark.parametrize("split", [True, {"mamba"}, {"mlp", "moe"}, {"moe"}])
+@pytest.mark.parametrize("split", [True, {"mamba"}, {"mamba", "mlp"}, {"mlp", "moe"}, {"moe"}])
 def test_split_layers_pass_pending_outputs_through_every_kernel_fp32(split):
     """Layer kinds in every order, split or not: attention after a split layer (its qkv and o_proj read the
     pending output), a split Mamba mixer straight after a split MoE, the router, ffn_up and down_residual of
-    an unsplit MLP or MoE after a split layer, and the lm_head after the last."""
+    an unsplit MLP or MoE after a split layer, a folded router whose mixer's input is pending (split Mamba and MLP),
+    and the lm_head after the last."""
     model = _model(attn_layer_period=2, attn_layer_offset=0, expert_layer_period=3, expert_layer_offset=1,
                    num_hidden_layers=6)
     kinds = [(layer.is_attention, layer.is_moe) for layer in model.model.layers]
     assert (True, False) in kinds and (False, True) in kinds and (True, True) in kinds
-    _compare(model, batch=1, steps=3, rtol=1e-5, atol=1e-5, split=split)
+    _decisive_routers(model)
+    fold = split is not True and "mamba" in split and "moe" not in split  # routers folded where they can be
+    _compare(model, batch=1, steps=3, rtol=1e-5, atol=1e-5, split=split, fold_router=fold or None)
     with pytest.raises(ValueError, match=r"unknown layer kinds \['attention'\]"):
         FusedDecodeStep(model, 1, split={"attention", "mamba"})
+
+
+class _Launches:
+    """Stands in for the kernels module of a FusedDecodeStep and counts the launches of each kernel."""
+
+    def __init__(self, fk):
+        self.fk, self.count = fk, {}
+
+    def __getattr__(self, name):
+        kernel = getattr(self.fk, name)
+        if not name.endswith("_kernel"):
+            return kernel
+        count = self.count
+
+        class Launch:
+            def __getitem__(self, grid):
+                count[name] = count.get(name, 0) + 1
+                return kernel[grid]
+        return Launch()
+
+
+def _decisive_routers(model, scale=30.0):
+    """The model with its router weights scaled up: routing weights far from uniform, so that every term of the
+    router logits shows in the output."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            if layer.is_moe:
+                layer.feed_forward.router.weight.mul_(scale)
+    return model
+
+
+def test_router_folded_into_the_mamba_mixer_fp32():
+    """One row with split Mamba mixers and fold_router: a MoE layer after one takes its routing from logits that the
+    mixer's mamba_ssm adds up by linearity, and no router kernel runs; the same logits and caches as the static step
+    and as the router kernel, also after the router's, its norm's and out_proj's weights change in place (the tables
+    are made again), with an out_proj bias and top-1, and in bf16 (packed words)."""
+    model = _decisive_routers(_model())
+    folded = [i for i, layer in enumerate(model.model.layers) if layer.is_moe and not layer.is_attention]
+    assert not FusedDecodeStep(model, 1)._folds  # on request only (fused.FOLD_DEFAULT)
+    step = FusedDecodeStep(model, 1, fold_router=True)
+    assert sorted(step._folds) == folded and len(folded) == 2
+    step.fk = _Launches(step.fk)
+    _compare(model, batch=1, steps=3, rtol=1e-5, atol=1e-5, fused=step)
+    assert "router_kernel" not in step.fk.count and step.fk.count["ffn_up_kernel"] == 3 * 4
+    kept = FusedDecodeStep(model, 1, fold_router=False)
+    assert not kept._folds
+    kept.fk = _Launches(kept.fk)
+    _compare(model, batch=1, steps=2, rtol=1e-5, atol=1e-5, fused=kept)
+    assert kept.fk.count["router_kernel"] == 2 * len(folded)
+    with torch.no_grad():
+        for i in folded:
+            layer = model.model.layers[i]
+            layer.feed_forward.router.weight.mul_(-3.0)
+            layer.pre_ff_layernorm.weight.add_(0.25)
+            layer.mamba.out_proj.weight.mul_(0.5)
+    _compare(model, batch=1, steps=2, rtol=1e-5, atol=1e-5, fused=step)
+    assert step.sync_copies() == 0
+    for batch, options in ((3, {}), (1, dict(split=False)), (1, dict(split={"mamba", "moe"}))):
+        with pytest.raises(RuntimeError, match="a folded router was requested but no layer can take one"):
+            FusedDecodeStep(model, batch, fold_router=True, **options)
+    biased = _decisive_routers(_model(mamba_proj_bias=True, num_experts_per_tok=1))
+    _compare(biased, batch=1, steps=2, rtol=1e-5, atol=1e-5, fold_router=True)
+    model = _model(torch.bfloat16)
+    bf16 = FusedDecodeStep(model, 1, fold_router=True)
+    assert bf16.pack and bf16._folds
+    _compare(model, batch=1, steps=3, rtol=2e-2, atol=2e-2, fused=bf16)
 
 
 def test_generator_fused_greedy_tokens_equal_static():

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from openjamba import JambaConfig, JambaForCausalLM
-from openjamba.inference import (DoesNotFit, Generator, SamplingParams, check_fits, filter_logits, generate,
-                                 max_batch, plan_memory, sample)
+from openjamba.inference import (DoesNotFit, FusedDecodeStep, Generator, SamplingParams, check_fits, filter_logits,
+                                 generate, max_batch, plan_memory, sample)
+from openjamba.inference import fused, planner
 
 
 def test_sampling_is_reproducible_with_a_seed():
@@ -63,17 +64,24 @@ def test_plan_counts_the_cache_exactly():
     assert p.kv_cache == cache.nbytes()["kv"]
 
 
-def test_plan_counts_the_fused_steps_weight_copies_at_one_row():
-    """One row's fused step splits the Mamba mixers and holds a transposed copy of each out_proj: the same
-    bytes as the model's own (jamba-1b: 14 x 2048 x 1024 bf16 = 56 MiB), counted beside the weights."""
+@pytest.mark.parametrize("fold", [False, True])
+def test_plan_counts_the_fused_steps_weight_copies_at_one_row(fold, monkeypatch):
+    """One row's fused step splits the Mamba mixers and holds a transposed copy of each out_proj (the same bytes as
+    the model's own; jamba-1b: 14 x 2048 x 1024 bf16 = 56 MiB), and where routers are folded by default an fp32
+    table (X, Di + H) for each MoE layer after a Mamba mixer (jamba-1b: 8 x 8 x 3072 x 4 bytes = 0.75 MiB), counted
+    beside the weights: the bytes the step allocates."""
+    monkeypatch.setattr(fused, "FOLD_DEFAULT", fold)
+    monkeypatch.setattr(planner, "FOLD_DEFAULT", fold)
     cfg = JambaConfig.from_name("jamba-1b")
     one, two = (plan_memory(cfg, torch.bfloat16, batch=b, context=4096, chunk_size=1024) for b in (1, 2))
-    assert one.step_copies == 14 * 2048 * 1024 * 2 and two.step_copies == 0
-    assert "fused step's weight copies 56.00 MiB" in one.describe()
+    assert one.step_copies == 14 * 2048 * 1024 * 2 + fold * 8 * 8 * 3072 * 4 and two.step_copies == 0
+    assert f"fused step's weight copies {'56.75' if fold else '56.00'} MiB" in one.describe()
     tiny = JambaForCausalLM(JambaConfig.from_name("jamba-tiny"))
     plan = plan_memory(tiny.config, torch.float32, batch=1, context=64)
-    assert plan.step_copies == sum(layer.mamba.out_proj.weight.nbytes for layer in tiny.model.layers
-                                   if not layer.is_attention)
+    step = FusedDecodeStep(tiny.to("cuda" if torch.cuda.is_available() else "cpu"), 1)
+    assert len(step._folds) == 2 * fold
+    assert plan.step_copies == (sum(copy.nbytes for copy, _ in step._copies.values())
+                                + sum(table.nbytes for table, *_ in step._folds.values()))
 
 
 def test_planner_refuses_with_the_numbers():
