@@ -400,10 +400,10 @@ class FusedDecodeStep:
         return self._copies[w][0]
 
     def sync_copies(self) -> int:
-        """Bring the transposed copies up to date with weights changed in place since they were made (a training
-        step, a checkpoint loaded into the model), in their own buffers, so that a captured graph reads them
-        too. Checked on every call of the step, and by the Generator before each graph replay; returns how many
-        were refreshed."""
+        """Bring the transposed copies and the folded routers' tables up to date with weights changed in place since
+        they were made (a training step, a checkpoint loaded into the model), in their own buffers, so that a
+        captured graph reads them too. Checked on every call of the step, and by the Generator before each graph
+        replay; returns how many were refreshed."""
         n = 0
         for w, entry in self._copies.items():
             now = (w._version, w.data_ptr())  # written in place, or given new storage (`.data = ...`)
@@ -464,16 +464,17 @@ class FusedDecodeStep:
         ho, ao = self._split_out(h, a) if split else (h, h)
         wo, bo = m.out_proj.weight, m.out_proj.bias
         nprog = -(-self.Di // t2["BD"])
-        fold = self._folds.get(i)
+        table, lg = self._folds.get(i, (xpart, xpart))[:2]  # a folded router's table and logits (else unread)
+        fold = i in self._folds
         S = -(-self.H // nprog)  # folded router: hidden units per program
         fk.mamba_ssm_kernel[(nprog, self.B)](
             xpart, self.u, self.z, m.dt_proj.weight, m.dt_proj.bias, m.A_log, m.D, m.dt_layernorm.weight,
             m.b_layernorm.weight, m.c_layernorm.weight, m.dt_layernorm.eps, cache.ssm[i], self.y,
             self._w(wo) if split else wo, _or(bo, wo), h, _or(a, h), ho, ao, self.B, self.Di, self.R, self.N, n_parts,
-            self.H, fold[0] if fold else xpart, fold[1] if fold else xpart, self.X, S,
+            self.H, table, lg, self.X, S,
             BD=t2["BD"], BX=_pow2(self.NX), BP=self.tiles["mamba_ssm"].get("BP") or self.partials_tile(n_parts),
             BN=_pow2(self.N, 2), PDL=self.pdl, OUT=split, HAS_BO=bo is not None, ACC=split and a is not None,
-            BH=min(t2.get("BH", 16), _pow2(self.H)), PACK=self.pack and split, FOLD=fold is not None, BXP=self.BXP,
+            BH=min(t2.get("BH", 16), _pow2(self.H)), PACK=self.pack and split, FOLD=fold, BXP=self.BXP,
             HS=_pow2(S, 1), num_warps=t2["warps"], launch_pdl=self.pdl, **_regs(t2))
         if split:
             return ho, ao
@@ -538,9 +539,8 @@ class FusedDecodeStep:
         t = self.tiles["ffn_up"]
         X, wg, wu, wd, s_up = self._ffn_weights(layer)
         routed = layer.is_moe
-        fold = self._folds.get(i)  # routing from the logits the mixer's mamba_ssm added up
-        lg = fold[1] if fold else None
-        if routed and not fold:
+        lg = self._folds[i][1] if i in self._folds else None  # the logits the mixer's mamba_ssm added up
+        if routed and lg is None:
             bxp = _pow2(X, 2)
             self.fk.router_kernel[(self.B,)](  # the whole router weight in one tile up to 8K elements
                 h, h.stride(0), _or(a, h), norm.weight, norm.eps, ff.router.weight, self.wsel, self.B, self.H, X,
@@ -551,7 +551,7 @@ class FusedDecodeStep:
             h, h.stride(0), _or(a, h), norm.weight, norm.eps, wg, wu, s_up, self.act, self.wsel, self.B, self.H,
             self.F, X, _or(lg, self.wsel), ROUTED=routed, SP=sp, BXP=_pow2(X, 2), BB=self.BB, BF=t["BF"],
             BK=self._k(t["BK"], 2 * t["BF"], self.H), IEEE=self.ieee, DOT=self.dot, PDL=self.pdl, NRB=self.NRB,
-            ACC=a is not None, PACK=self.pack, FOLD=fold is not None, TOPK=self.K, num_warps=t["warps"],
+            ACC=a is not None, PACK=self.pack, FOLD=lg is not None, TOPK=self.K, num_warps=t["warps"],
             launch_pdl=self.pdl)
         self.down_residual(h, self.act, wd, routed=routed, X=X, a=a, lg=lg)
         return h, None

@@ -517,10 +517,7 @@ def _top_k(logits, X, TOPK: tl.constexpr, BXP: tl.constexpr, dt: tl.constexpr):
     """Router logits (BXP,) fp32 (valid below X) -> the softmax weights of the top-k experts, rounded to the
     model dtype as the eager router's (lowest expert index first on ties), 0 for the others."""
     xs = tl.arange(0, BXP)
-    logits = tl.where(xs < X, logits, float("-inf"))
-    p = tl.exp(logits - tl.max(logits, axis=0))
-    p = p / tl.sum(p, axis=0)
-    work = tl.where(xs < X, p, -1.0)
+    work = tl.where(xs < X, _softmax(logits, X, BXP), -1.0)
     wsel = tl.zeros((BXP,), tl.float32)
     for _ in tl.static_range(TOPK):
         best = tl.max(work, axis=0)
@@ -528,6 +525,22 @@ def _top_k(logits, X, TOPK: tl.constexpr, BXP: tl.constexpr, dt: tl.constexpr):
         wsel = tl.where(xs == j, best, wsel)
         work = tl.where(xs == j, -1.0, work)
     return wsel.to(dt).to(tl.float32)
+
+
+@triton.jit
+def _softmax(logits, X, BXP: tl.constexpr):
+    """Softmax (BXP,) fp32 of router logits over the X experts (past X: 0)."""
+    xs = tl.arange(0, BXP)
+    logits = tl.where(xs < X, logits, float("-inf"))
+    p = tl.exp(logits - tl.max(logits, axis=0))
+    return p / tl.sum(p, axis=0)
+
+
+@triton.jit
+def _slot_hits(picked, BXP: tl.constexpr, SP: tl.constexpr):
+    """Which expert (BXP,) fills which slot (SP,) of a one-row routing: (SP, BXP), the picked experts (int32 0/1) in
+    increasing index order, one per slot."""
+    return (picked[None, :] != 0) & ((tl.cumsum(picked, axis=0) - 1)[None, :] == tl.arange(0, SP)[:, None])
 
 
 @triton.jit
@@ -543,8 +556,7 @@ def _pick(w, BXP: tl.constexpr, SP: tl.constexpr):
     """Routing weights w (BXP,) of one row -> the picked experts (nonzero weights) in increasing index order
     (SP,), their weights (SP,), and which slots hold one."""
     xs = tl.arange(0, BXP)
-    picked = (w != 0.0).to(tl.int32)
-    hit = (picked[None, :] != 0) & ((tl.cumsum(picked, axis=0) - 1)[None, :] == tl.arange(0, SP)[:, None])
+    hit = _slot_hits((w != 0.0).to(tl.int32), BXP, SP)
     es = tl.sum(tl.where(hit, xs[None, :], 0), axis=1)
     ws = tl.sum(tl.where(hit, w[None, :], 0.0), axis=1)
     return es, ws, tl.sum(hit.to(tl.int32), axis=1) != 0
@@ -573,8 +585,7 @@ def _top_slots(logits, X, TOPK: tl.constexpr, BXP: tl.constexpr, SP: tl.constexp
     xs = tl.arange(0, BXP)
     lg = tl.where(xs < X, logits, float("-inf"))
     ahead = (lg[None, :] > lg[:, None]) | ((lg[None, :] == lg[:, None]) & (xs[None, :] < xs[:, None]))
-    picked = ((tl.sum(ahead.to(tl.int32), axis=1) < TOPK) & (xs < X)).to(tl.int32)
-    hit = (picked[None, :] != 0) & ((tl.cumsum(picked, axis=0) - 1)[None, :] == tl.arange(0, SP)[:, None])
+    hit = _slot_hits(((tl.sum(ahead.to(tl.int32), axis=1) < TOPK) & (xs < X)).to(tl.int32), BXP, SP)
     return tl.sum(tl.where(hit, xs[None, :], 0), axis=1), tl.sum(hit.to(tl.int32), axis=1) != 0
 
 
@@ -584,9 +595,7 @@ def _folded_probs(logits, rstd, X, BXP: tl.constexpr, dt: tl.constexpr):
     mamba_ssm_kernel, FOLD) and the norm's row scale rstd: router_kernel's roundings (the scaled logits and each
     weight rounded to the dtype, _top_k)."""
     xs = tl.arange(0, BXP)
-    lg = tl.where(xs < X, (logits * rstd).to(dt).to(tl.float32), float("-inf"))
-    p = tl.exp(lg - tl.max(lg, axis=0))
-    return tl.where(xs < X, (p / tl.sum(p, axis=0)).to(dt).to(tl.float32), 0.0)
+    return tl.where(xs < X, _softmax((logits * rstd).to(dt).to(tl.float32), X, BXP).to(dt).to(tl.float32), 0.0)
 
 
 @triton.jit

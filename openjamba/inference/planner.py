@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..memory import format_bytes as _format_bytes
-from .fused import FOLD_DEFAULT, GEMV_MAX_ROWS, SPLIT_DEFAULT
+from . import fused
+from .fused import GEMV_MAX_ROWS, SPLIT_DEFAULT
 
 
 def format_bytes(n: float) -> str:
@@ -162,7 +163,7 @@ def plan_memory(config, dtype=torch.bfloat16, batch: int = 1, context: int = 204
                     "mlp": sum(not config.is_moe(i) for i in range(config.num_hidden_layers)) * F * H,
                     "moe": sum(config.is_moe(i) for i in range(config.num_hidden_layers)) * X * F * H}
         copies = sum(per_kind[k] for k in SPLIT_DEFAULT) * nb
-        if FOLD_DEFAULT and "mamba" in SPLIT_DEFAULT and "moe" not in SPLIT_DEFAULT:  # folded routers' fp32 tables
+        if fused.FOLD_DEFAULT and "mamba" in SPLIT_DEFAULT and "moe" not in SPLIT_DEFAULT:  # folded routers' tables
             copies += sum(config.is_moe(i) and not config.is_attention(i)
                           for i in range(config.num_hidden_layers)) * X * (Di + H) * 4
     subtotal = weights + copies + kv + mamba + key_mask + max(prefill_peak, decode_ws)

@@ -6,7 +6,7 @@ import torch
 from openjamba import JambaConfig, JambaForCausalLM
 from openjamba.inference import (DoesNotFit, FusedDecodeStep, Generator, SamplingParams, check_fits, filter_logits,
                                  generate, max_batch, plan_memory, sample)
-from openjamba.inference import fused, planner
+from openjamba.inference import fused
 
 
 def test_sampling_is_reproducible_with_a_seed():
@@ -71,7 +71,6 @@ def test_plan_counts_the_fused_steps_weight_copies_at_one_row(fold, monkeypatch)
     table (X, Di + H) for each MoE layer after a Mamba mixer (jamba-1b: 8 x 8 x 3072 x 4 bytes = 0.75 MiB), counted
     beside the weights: the bytes the step allocates."""
     monkeypatch.setattr(fused, "FOLD_DEFAULT", fold)
-    monkeypatch.setattr(planner, "FOLD_DEFAULT", fold)
     cfg = JambaConfig.from_name("jamba-1b")
     one, two = (plan_memory(cfg, torch.bfloat16, batch=b, context=4096, chunk_size=1024) for b in (1, 2))
     assert one.step_copies == 14 * 2048 * 1024 * 2 + fold * 8 * 8 * 3072 * 4 and two.step_copies == 0
