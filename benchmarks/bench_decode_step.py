@@ -12,6 +12,8 @@
                                                             # batch 1: packed-word GEMVs against elements
     python benchmarks/bench_decode_step.py --batches 1 --steps fused --no-profile --fold-router
                                                             # batch 1: folded routers against router kernels
+    python benchmarks/bench_decode_step.py --batches 1 --steps fused --no-profile --greedy-blocks
+                                                            # greedy decoding in blocks against token by token
     python benchmarks/bench_decode_step.py --batches 384,512 --steps fused,static --no-profile --variant mamba
                                                             # step kinds only, the pure Mamba model of the same size
 
@@ -26,6 +28,9 @@ add to the chain of dependent kernels.
 --pack times, at batch 1, the graph alone with the GEMVs reading packed int32 words (`pack`, the default for bf16)
 and reading bf16 elements, three rounds in turn. --fold-router does the same with the MoE routers folded into the
 Mamba mixers before them (`fold_router`, the default) and with router kernels.
+--greedy-blocks times greedy decoding as generation runs it (`Generator.decode_n_tokens`, 64 tokens per call, the
+fused step) in blocks of engine.CHAIN tokens per graph replay (next_token_kernel feeding each token back) and token
+by token (`chain=0`: the one-token graph, the argmax and the copies per token), three rounds in turn, at each batch.
 --sweep times the fused step with each candidate tile configuration of one kernel family at a time
 (coordinate descent from the defaults in inference/fused.py) and reports the best; the defaults there
 come from such sweeps. --sweep-rows does the same for the tensor-core tiles at large batches
@@ -45,7 +50,7 @@ import torch
 from openjamba.bench.common import VARIANTS, build_model, machine, profile_kernels, variant_configs
 from openjamba.config import JambaConfig
 from openjamba.inference import FusedDecodeStep, Generator
-from openjamba.inference.engine import capture_step
+from openjamba.inference.engine import CHAIN, capture_step
 from openjamba.inference.fused import SPLIT_KINDS
 
 # candidate tiles per kernel family for one row (the GEMV form, packed words for bf16), swept in this order; the
@@ -132,6 +137,16 @@ def fused_graph_ms(model, batch: int, context: int, tiles=None, reps: int = 60, 
     return _ms_per_call(graph.replay, reps)
 
 
+def greedy_ms(model, batch: int, context: int, chain: int, tokens: int = 64, reps: int = 5) -> float:
+    """ms per token of greedy `Generator.decode_n_tokens` calls of `tokens` tokens (the fused step, graph mode)."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    gen = Generator(model, batch, context + (reps + 3) * tokens + 1, mode="graph", step="fused", chain=chain)
+    _at_context(gen.cache, context)
+    tok = torch.zeros(batch, dtype=torch.long, device=model.device)
+    return _ms_per_call(lambda: gen.decode_n_tokens(tok, tokens), reps) / tokens
+
+
 def fused_kernels(model, batch: int, context: int, top: int = 12) -> dict:
     """One profiler pass over 4 eagerly launched fused steps: kernels per token and the costliest ones."""
     gen = Generator(model, batch, 2 * context, mode="static", step="fused")
@@ -202,6 +217,8 @@ def main(argv=None) -> int:
                    help="batch 1: the graph alone with packed-word GEMVs and with bf16 elements, three rounds")
     p.add_argument("--fold-router", action="store_true",
                    help="batch 1: the graph alone with folded routers and with router kernels, three rounds")
+    p.add_argument("--greedy-blocks", action="store_true",
+                   help="greedy decoding in blocks of tokens per graph replay and token by token, three rounds")
     p.add_argument("--no-profile", action="store_true",
                    help="only the step kinds through the Generator (no profiler pass, no graph-alone PDL on/off)")
     p.add_argument("--out", default="benchmarks/results/decode_step_profile.json")
@@ -249,6 +266,14 @@ def main(argv=None) -> int:
                 name = "folded" if fold else "router kernels"
                 record.setdefault("fold_router_b1_ms", {}).setdefault(name, []).append(ms)
                 print(f"batch   1 fused graph alone, {name:<14} {ms:.4f} ms/token", flush=True)
+    if args.greedy_blocks:
+        for batch in (int(b) for b in args.batches.split(",")):
+            for r in range(3):
+                for chain in (CHAIN, 0):
+                    ms = greedy_ms(model, batch, args.context, chain)
+                    name = f"blocks of {chain}" if chain else "token by token"
+                    record.setdefault(f"greedy_b{batch}_ms", {}).setdefault(name, []).append(ms)
+                    print(f"batch {batch:3d} greedy decoding, {name:<14} {ms:.4f} ms/token", flush=True)
     if args.chain_floor:
         record["chain_floor_b1_ms"] = chain_floor(model, args.context)
     if args.sweep:  # one row: the default step, every kind split, and the kernel chain (split off)

@@ -1,7 +1,7 @@
 """Decode throughput vs context length: Jamba vs a pure Transformer vs a pure Mamba model (Jamba paper, Fig. 3).
 
 For each model and context length the cache is filled to `context` positions and `steps` tokens are timed
-through the Generator's decode step (the CUDA graph on a GPU). The context is synthetic: the cache's length
+through the Generator's greedy decoding (the CUDA graph of a block of tokens on a GPU). The context is synthetic: the cache's length
 is set to `context` without running a prefill. A decode step does the same work whatever the cached values
 are (attention reads the whole buffer either way), and skipping prefill lets one run cover 1K ... 1M
 tokens for three models in a minute or two. Batch 1 and the largest batch the memory planner admits (up to
@@ -16,6 +16,7 @@ import time
 import torch
 
 from ..inference import DoesNotFit, Generator, device_budget, max_batch
+from ..inference.engine import CHAIN
 from .common import (PEAK_BANDWIDTH, VARIANTS, Deadline, build_model, fmt_tokens, free_memory, is_oom, logger,
                      pyplot, sync, variant_configs, write_json)
 
@@ -33,9 +34,10 @@ def step_bytes(config, batch: int, cache_length: int, nbytes: int, moe_impl: str
             + 2 * config.mamba_state_bytes(batch, nbytes))
 
 
-def time_decode(model, batch: int, context: int, steps: int, mode: str, warmup: int = 3, budget=None,
+def time_decode(model, batch: int, context: int, steps: int, mode: str, warmup: int = CHAIN, budget=None,
                 step: str = "auto") -> dict:
-    """Decode `steps` greedy tokens per row after a synthetic `context`-token cache; returns one point."""
+    """Decode `steps` greedy tokens per row after a synthetic `context`-token cache, as generation does
+    (`Generator.decode_n_tokens`: blocks of CHAIN tokens per graph replay); returns one point."""
     device = model.device
     gen = Generator(model, batch, context + warmup + steps + 1, mode=mode, chunk_size=256, budget=budget,
                     step=step)
@@ -43,19 +45,17 @@ def time_decode(model, batch: int, context: int, steps: int, mode: str, warmup: 
         gen.cache.length = context  # synthetic context (see module docstring)
         gen.cache.sync_position()
         tok = torch.zeros(batch, dtype=torch.long, device=device)
-        for _ in range(warmup):
-            tok = gen.decode_one_token(tok).argmax(-1)
+        tok = gen.decode_n_tokens(tok, warmup)[:, -1]
         sync(device)
         t0 = time.perf_counter()
-        for _ in range(steps):
-            tok = gen.decode_one_token(tok).argmax(-1)
+        gen.decode_n_tokens(tok, steps)
         sync(device)
         dt = time.perf_counter() - t0
         nbytes = torch.empty((), dtype=model.dtype).element_size()
         moved = step_bytes(model.config, batch, gen.max_length, nbytes, gen.moe_impl)
         return dict(tokens_per_s=batch * steps / dt, ms_per_step=1e3 * dt / steps, step_bytes=moved,
                     achieved_GBps=moved * steps / dt / 1e9, roofline_fraction=moved * steps / dt / PEAK_BANDWIDTH,
-                    moe_impl=gen.moe_impl, mode=gen.mode, step=gen.step)
+                    moe_impl=gen.moe_impl, mode=gen.mode, step=gen.step, chain=gen.chain)
     finally:
         del gen
 
@@ -85,7 +85,7 @@ def run_decode(base_config, contexts, variants=VARIANTS, batches=("1", "max"), s
                     continue
                 budget = device_budget(device) if torch.device(device).type == "cuda" else None
                 if b == "max":
-                    B = max_batch(cfg, dtype, ctx + steps + 8, budget, chunk_size=256, cap=max_batch_cap,
+                    B = max_batch(cfg, dtype, ctx + CHAIN + steps + 1, budget, chunk_size=256, cap=max_batch_cap,
                                   weights_resident=False) if budget else max_batch_cap
                 else:
                     B = int(b)

@@ -21,6 +21,12 @@ Steps (what "static" and "graph" run; `step=`):
                and past them where the attention cache is long enough), else "static".
 The host only enqueues work: sampling is on the device and the EOS test reads back once every
 `check_every` steps.
+Greedy decoding (`decode_n_tokens` at temperature 0) runs in blocks of `chain` tokens (CHAIN by default): each
+step ends in the argmax and feeds the token back on the device, so in graph mode one replay decodes a whole
+block, and with the fused step the argmax, the next token's embedding, the position and the accumulators' reset
+are one kernel (fused_kernels.next_token_kernel) in the steps' chain of kernels: no launch between two tokens
+that is not the step's own, where the one-token graph left an argmax, a copy, the embedding, a memset and
+the position's add, and a graph launch, per token.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from .step import decode_step, resolve_moe_impl
 logger = logging.getLogger("openjamba.inference")
 
 MODES = ("auto", "eager", "static", "graph")
+CHAIN = 16  # tokens per block of greedy decoding (one graph replay in graph mode)
 STEPS = ("auto", "static", "compiled", "fused")
 _compiled_step = None
 
@@ -76,7 +83,9 @@ class Generator:
 
     def __init__(self, model, batch_size: int, max_length: int, mode: str = "auto", moe_impl: str = "auto",
                  chunk_size: int | None = None, budget: int | None = None, check_memory: bool = True,
-                 step: str = "auto"):
+                 step: str = "auto", chain: int = CHAIN):
+        """chain: tokens per block of greedy decoding (see the module docstring); 0 decodes greedy tokens one
+        step at a time, as every sampling setting does."""
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
         if step not in STEPS:
@@ -89,7 +98,10 @@ class Generator:
                                "use mode 'static' or 'eager'")
         if step not in ("auto", "static") and mode == "eager":
             raise ValueError(f"step {step!r} replaces the static step: use mode 'static' or 'graph'")
+        if isinstance(chain, bool) or not isinstance(chain, int) or chain < 0:
+            raise ValueError(f"chain must be an int >= 0 (tokens per block of greedy decoding), got {chain!r}")
         self.mode, self.batch_size, self.max_length = mode, batch_size, max_length
+        self.chain = chain if mode != "eager" else 0
         # The weights are already resident, so the budget is what the device has free now.
         if budget is None and self.device.type == "cuda":
             budget = device_budget(self.device)
@@ -119,7 +131,8 @@ class Generator:
             # few kernels; the graph then replays those.
             self._step = compiled_decode_step() if self.step == "compiled" else decode_step
         self._token = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)  # graph input
-        self._graph, self._graph_logits = None, None
+        self._block = torch.zeros(batch_size, max(self.chain, 1), dtype=torch.long, device=self.device)
+        self._graph, self._graph_logits, self._chain_graph = None, None, None
         if mode == "graph":
             self._capture_with_fallback()
         split = sorted(getattr(self._step, "split", ()))
@@ -152,7 +165,24 @@ class Generator:
     def _capture(self) -> None:
         self._graph, self._graph_logits = capture_step(self._step, self.model, self._token, self.cache,
                                                        self.moe_impl)
+        if self.chain:
+            self._capture_chain()
         self.cache.reset()  # the warm-up steps wrote into the state; capture itself ran nothing
+
+    def _capture_chain(self) -> None:
+        """The greedy block of `chain` tokens in a graph of its own (sharing the one-token graph's memory pool:
+        the two never run at once). One token is run first, on a side stream (Triton compilation)."""
+        device = self.device
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side), torch.inference_mode():
+            self._start_block(self._token[:, 0])
+            self._greedy_block(1)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(graph, pool=self._graph.pool()):
+            self._greedy_block(self.chain)
+        self._chain_graph = graph
 
     def _capture_with_fallback(self) -> None:
         try:
@@ -165,7 +195,7 @@ class Generator:
                            self.moe_impl, type(e).__name__, e)
             torch.cuda.synchronize(self.device)
             self.moe_impl = "dense"
-            self._graph = None
+            self._graph = self._chain_graph = None
             self._capture()
 
     # ------------------------------------------------------------------ steps
@@ -231,6 +261,56 @@ class Generator:
         self.cache.advance(1)
         return logits
 
+    # ------------------------------------------------------------------ greedy blocks
+    def _start_block(self, token: torch.Tensor) -> None:
+        """The input of the next greedy block: token (B,)."""
+        if self.step == "fused":
+            self._step.start_greedy(self.model, token.view(-1, 1))
+        else:
+            self._token.copy_(token.view(-1, 1))
+
+    def _greedy_block(self, k: int) -> None:
+        """k greedy steps from the input _start_block or the previous block left; their tokens -> _block[:, :k]
+        (the cache's host length is the caller's to advance)."""
+        for j in range(k):
+            if self.step == "fused":
+                self._step.greedy_token(self.model, self.cache, self._block[:, j])
+            else:
+                tok = self._step(self.model, self._token, self.cache, self.moe_impl).argmax(-1)
+                self._block[:, j].copy_(tok)
+                self._token.copy_(tok.view(-1, 1))
+
+    def _greedy_blocks(self, token, n, out, eos_ids, pad_token_id, check_every, finished, all_done) -> tuple:
+        """Greedy decoding of the first whole blocks of n tokens into out; -> (tokens decoded, finished rows,
+        whether every row has finished: decoding stops there)."""
+        k = self.chain if self._chain_graph is not None else min(self.chain, check_every)
+        i = 0
+        if self.chain == 0 or n < k or (self._chain_graph is not None and check_every < k):
+            return 0, finished, False
+        self._start_block(token)
+        while n - i >= k:
+            self.cache.check_room(k)
+            if self._chain_graph is not None:
+                if self.step == "fused":
+                    self._step.sync_copies()
+                self._chain_graph.replay()
+            else:
+                self._greedy_block(k)
+            self.cache.advance(k)
+            blk = out[:, i:i + k]
+            blk.copy_(self._block[:, :k])
+            if eos_ids is not None:  # as the step-by-step loop: pad after a row's EOS (or once it had finished)
+                hit = torch.isin(blk, eos_ids)
+                before = finished[:, None] | ((hit.cumsum(1) - hit.long()) > 0)  # finished before each column
+                blk.masked_fill_(before, pad_token_id)
+                done = before | hit
+                all_done[i:i + k] = done.all(0)
+                finished = done[:, -1]
+            i += k
+            if eos_ids is not None and bool(finished.all()):
+                return i, finished, True
+        return i, finished, False
+
     @torch.inference_mode()
     def decode_n_tokens(self, token: torch.Tensor, n: int, params: SamplingParams | None = None, generators=None,
                         eos_ids: torch.Tensor | None = None, pad_token_id: int = 0, check_every: int = 16,
@@ -239,7 +319,9 @@ class Generator:
 
         With eos_ids, a row that produced an EOS (or is already `finished`) gets pad_token_id from then on,
         and decoding stops early once every row has finished; that is read back every `check_every`
-        steps, and the trailing all-finished steps are trimmed (one sync at the end), so n' <= n."""
+        steps, and the trailing all-finished steps are trimmed (one sync at the end), so n' <= n.
+        Greedy decoding runs in blocks of `chain` tokens (the module docstring), read back once per block
+        (graph mode: where check_every is at least the block; elsewhere blocks of at most check_every)."""
         params = params or SamplingParams(0.0)
         B = token.shape[0]
         out = torch.empty(B, n, dtype=torch.long, device=self.device)
@@ -247,7 +329,15 @@ class Generator:
             finished = torch.zeros(B, dtype=torch.bool, device=self.device)
         all_done = torch.zeros(n, dtype=torch.bool, device=self.device)  # every row finished by step i
         steps = n
-        for i in range(n):
+        first, stopped = 0, False
+        if params.greedy:
+            first, finished, stopped = self._greedy_blocks(token, n, out, eos_ids, pad_token_id, check_every,
+                                                           finished, all_done)
+            if first:
+                token = out[:, first - 1]
+            if stopped:
+                steps = first
+        for i in range(first, 0 if stopped else n):
             token = sample(self.decode_one_token(token), params, generators)
             if eos_ids is not None:
                 token = token.masked_fill(finished, pad_token_id)

@@ -38,7 +38,7 @@ made with the step and refreshed when a weight changes in place (`sync_copies`):
 mixers 56 MiB. The order of the atomic adds is not fixed, so the last bits of those sums can change from run
 to run; under torch's deterministic algorithms no layer is split.
 
-Folded routers (`fold_router`, on request; FOLD_DEFAULT says why not by default): the router of a MoE layer whose
+Folded routers (`fold_router`, by default where a layer can take one: FOLD_DEFAULT): the router of a MoE layer whose
 Mamba mixer is split (and whose MoE is not) runs no kernel. Its logits are linear in the residual the norm reads, up to
 the norm's row scale: Wr (nw * x) / rms(x) with x = h + out_proj(y). So the mixer's mamba_ssm adds them up with
 its out_proj share, from two small fp32 tables made with the step (Wr nw and (Wr nw) Wout, X x (H + Di); jamba-1b
@@ -46,7 +46,8 @@ its out_proj share, from two small fp32 tables made with the step (Wr nw and (Wr
 computes anyway, and down_residual picks the same experts from the same bits before its wait. One kernel boundary
 fewer per MoE layer: on an H200 jamba-1b's step took 350.6-351.6 against 364.7-365.2 us with the router kernels
 (benchmarks/KERNEL_NOTES.md, version 17). The logits are summed in fp32 without the eager step's bf16 roundings of
-the residual, the normed row and the logits, so a near tie between two experts can go the other way.
+the residual, the normed row and the logits, so a near tie between two experts can go the other way (in bf16 the
+eager step's own roundings decide such ties about as often against the fp32 model).
 """
 
 from __future__ import annotations
@@ -81,11 +82,10 @@ SPLIT_KINDS = ("mamba", "mlp", "moe")
 SPLIT_DEFAULT = ("mamba",)
 # Folded routers (one row, `fold_router`): a MoE layer whose Mamba mixer is split and whose MoE is not takes its
 # router logits from the mixer's mamba_ssm, which adds them up by linearity (fused_kernels.mamba_ssm_kernel, FOLD),
-# so no router kernel runs. Faster on an H200 (jamba-1b, batch 1: 350.6-351.6 against 364.7-365.2 us per token), but
-# off by default: its fp32 logits resolve near ties between experts differently from the eager step's bf16 ones,
-# and at jamba-1b sizes in bf16 (random weights) that took one run past the bound of
-# tests/inference/test_gpu_inference.py::test_packed_words_at_real_size_bf16 (benchmarks/KERNEL_NOTES.md, version 17).
-FOLD_DEFAULT = False
+# so no router kernel runs: on an H200 jamba-1b at batch 1 took 350.6-351.6 against 364.7-365.2 us per token. Its
+# fp32 logits resolve near ties between experts differently from the eager step's bf16 ones (about as often as
+# the eager bf16 step differs from fp32; benchmarks/KERNEL_NOTES.md, version 17).
+FOLD_DEFAULT = True
 
 # Batches up to this run the matmuls as GEMVs in registers, larger ones as tensor-core dots. One row: on the
 # H200 the GEMV form with a 4-row tile gave fp32 errors of ~1e-3 against the static step (jamba-tiny and
@@ -303,6 +303,7 @@ class FusedDecodeStep:
         self.slots = _pow2(self.K, 1) if batch_size == 1 else 0
         self.NP = -(-self.Di // self.tiles["mamba_in"]["BD"])  # x_proj partial sums, one per mamba_in block
         self.u = torch.empty(batch_size, self.Di, device=dev, dtype=dt)
+        self.h0 = torch.empty(batch_size, self.H, device=dev, dtype=dt)  # greedy_token's input rows
         self.z = torch.empty_like(self.u)
         self.y = torch.empty_like(self.u)
         self.xpart = torch.empty(self.NP, batch_size, self.NX, device=dev, dtype=torch.float32)
@@ -488,10 +489,11 @@ class FusedDecodeStep:
         want = max(1, -(-2 * self.sms // (self.B * n_kv)))
         return max(1, min(want, -(-cache.max_length // 64)))
 
-    def attention(self, h, layer, cache, a=None):
+    def attention(self, h, layer, cache, a=None, first=False):
         """q, k, v projections, k and v written at `cache.pos` (one kernel); split-K flash-decoding over the
         filled positions (the static step's masked softmax over the whole buffer, without reading the
-        unfilled part); o_proj + residual, in place: -> (h, None). a: as in mamba."""
+        unfilled part); o_proj + residual, in place: -> (h, None). a: as in mamba. first: the model's first layer
+        (the position is read after the wait: next_token_kernel may have just written it)."""
         pending, a = a, layer.self_attn
         norm = layer.input_layernorm
         B, n_kv, hd = self.B, a.n_kv, a.head_dim
@@ -514,8 +516,8 @@ class FusedDecodeStep:
             h, h.stride(0), _or(pending, h), norm.weight, norm.eps, a.q_proj.weight, a.k_proj.weight, a.v_proj.weight,
             q, keys, values, keys.stride(0), keys.stride(1), cache.pos, B, self.H, nq, nkv, hd, keys.shape[2],
             BB=self.BB, BN=t["BN"], BK=self._k(t["BK"], t["BN"], self.H), IEEE=self.ieee, DOT=self.dot,
-            PDL=self.pdl, NRB=self.NRB, ACC=pending is not None, PACK=self.pack, num_warps=t["warps"],
-            launch_pdl=self.pdl)
+            PDL=self.pdl, NRB=self.NRB, ACC=pending is not None, PACK=self.pack, POS_LATE=first,
+            num_warps=t["warps"], launch_pdl=self.pdl)
         # Where a split can hold more than 256 positions (caches past ~16K positions at batch 1) the kernel is
         # launched without PDL: launched while qkv still runs, its programs were packed onto a sixth to a
         # half of the SMs, which for a kernel streaming the cache cost more than the early launch saves
@@ -582,20 +584,53 @@ class FusedDecodeStep:
     # ------------------------------------------------------------------ the step
     def __call__(self, model, token_ids: torch.Tensor, cache, moe_impl=None) -> torch.Tensor:
         """token_ids (B, 1) long -> last-position logits (B, V); advances `cache.pos` (as decode_step)."""
+        self._check_rows(token_ids)
+        h = model.model.embed_tokens(token_ids[:, 0])  # (B, H): a fresh buffer, updated in place below
+        if self._zeroed.numel():
+            self._zeroed.zero_()
+        logits = self._layers(model, cache, h)
+        cache.pos.add_(1)
+        return logits
+
+    def _check_rows(self, token_ids: torch.Tensor) -> None:
         if token_ids.shape[0] != self.B:
             raise ValueError(f"this fused step was built for batch {self.B}, got {token_ids.shape[0]} rows")
-        h = model.model.embed_tokens(token_ids[:, 0])  # (B, H): a fresh buffer, updated in place below
+
+    def _layers(self, model, cache, h) -> torch.Tensor:
+        """Every layer and the lm_head from the embedded rows h (B, H), the accumulators zeroed -> logits (B, V)."""
         a = None  # a split layer's output still pending on h
         self._n_split = self._n_mamba = 0
         self.sync_copies()
-        if self._zeroed.numel():
-            self._zeroed.zero_()
         for i, layer in enumerate(model.model.layers):
             if layer.is_attention:
-                h, a = self.attention(h, layer, cache, a)
+                h, a = self.attention(h, layer, cache, a, first=i == 0)
             else:
                 h, a = self.mamba(h, layer, cache, i, a)
             h, a = self.ffn(h, layer, a, i)
-        logits = self.norm_linear(h, model.model.final_layernorm, model.lm_head.weight, a=a)
-        cache.pos.add_(1)
-        return logits
+        return self.norm_linear(h, model.model.final_layernorm, model.lm_head.weight, a=a)
+
+    # ------------------------------------------------------------------ greedy decoding in one chain of kernels
+    def start_greedy(self, model, token_ids: torch.Tensor) -> None:
+        """Before a run of greedy_token calls: the embedding of token_ids (B, 1) as the next step's input, the
+        accumulators zeroed."""
+        self._check_rows(token_ids)
+        with torch.no_grad():
+            torch.index_select(model.model.embed_tokens.weight, 0, token_ids[:, 0], out=self.h0)
+        if self._zeroed.numel():
+            self._zeroed.zero_()
+
+    def greedy_token(self, model, cache, out: torch.Tensor) -> None:
+        """One greedy decoding step from the input start_greedy or the previous call left: the step's kernels,
+        then next_token_kernel, which writes the token (torch.argmax of the logits) to out (B,) long, its embedding
+        as the next input, zeroes the accumulators and advances `cache.pos`. So consecutive calls run as one
+        chain of kernels (under PDL with no launch between them that is not the step's own), and a CUDA graph
+        of several of them decodes that many tokens per replay."""
+        logits = self._layers(model, cache, self.h0)
+        V = logits.shape[1]
+        BV = max(16, min(_pow2(V) // 4, 16384))  # jamba-1b's 64K logits: all four blocks in flight at once
+        BZ = 4096
+        nz = self._zeroed.numel()
+        self.fk.next_token_kernel[(self.B + -(-nz // BZ),)](
+            logits, logits.stride(0), V, model.model.embed_tokens.weight, self.h0, self.h0.stride(0), self.H, out,
+            out.stride(0), cache.pos, self._zeroed, nz, self.B, BV=BV, BH=min(_pow2(self.H), 4096), BZ=BZ,
+            PDL=self.pdl, num_warps=16 if BV >= 8192 else 4, launch_pdl=self.pdl)

@@ -253,12 +253,15 @@ def norm_linear_kernel(h_ptr, s_hb, a_ptr, nw_ptr, eps, w_ptr, bias_ptr, y_ptr, 
 @triton.jit
 def qkv_kernel(h_ptr, s_hb, a_ptr, nw_ptr, eps, wq_ptr, wk_ptr, wv_ptr, q_ptr, k_ptr, v_ptr, s_kb, s_kh, pos_ptr,
                B, H, NQ, NKV, HD, L, BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
-               DOT: tl.constexpr, PDL: tl.constexpr, NRB: tl.constexpr, ACC: tl.constexpr, PACK: tl.constexpr):
+               DOT: tl.constexpr, PDL: tl.constexpr, NRB: tl.constexpr, ACC: tl.constexpr, PACK: tl.constexpr,
+               POS_LATE: tl.constexpr):
     """An attention layer's q, k and v projections of RMSNorm(h) in one launch; k and v go straight into
     the caches at the current position. Grid ((cdiv(NQ, BN) + 2 cdiv(NKV, BN)) * NRB,): the first programs
     compute q (B, NQ); the next k, then v (B, NKV), written at k_ptr[b, n // HD, pos, n % HD] of a
     (B, Hkv, L, HD) cache with batch and head strides s_kb, s_kh (nothing is written once pos reaches L:
-    callers check the room on the host). pos (a device scalar) was last written before the step began."""
+    callers check the room on the host). pos (a device scalar) was last written before the step began, at least
+    two kernels back, so it is read before the wait; POS_LATE (the model's first layer, where next_token_kernel may
+    have written it just before): after the wait."""
     pid, r0 = _row_block(tl.program_id(0), NRB, BB)
     h_ptr += r0 * s_hb
     a_ptr += r0 * s_hb
@@ -275,8 +278,11 @@ def qkv_kernel(h_ptr, s_hb, a_ptr, nw_ptr, eps, wq_ptr, wk_ptr, wv_ptr, q_ptr, k
     else:
         w_ptr, N, n0 = wv_ptr, NKV, (pid - nq - nkv) * BN
     w0 = _w_tile(w_ptr, H, n0, N, 0, H, BN, BK, PACK)
-    pos = tl.load(pos_ptr).to(tl.int64)
+    if not POS_LATE:
+        pos = tl.load(pos_ptr).to(tl.int64)
     _after_previous_kernel(PDL)
+    if POS_LATE:
+        pos = tl.load(pos_ptr, cache_modifier=".cg").to(tl.int64)
     acc = _matmul(h_ptr, s_hb, nw_ptr, eps, w0, w_ptr, H, n0, N, nb, H, BB, BN, BK, True, IEEE, DOT, a_ptr, ACC,
                   PACK)
     ns = n0 + tl.arange(0, BN)
@@ -979,3 +985,57 @@ def attn_combine_kernel(acc_ptr, ml_ptr, out_ptr, HKV, G, HD, NS,
     a = tl.load(acc_ptr + row[:, None] * BHD + ds[None, :], mask=smask[:, None], other=0.0)
     out = tl.sum(w[:, None] * a, axis=0) / tl.sum(w * lsum, axis=0)
     tl.store(out_ptr + b * (HKV * G * HD) + (hk * G + g) * HD + ds, out.to(out_ptr.dtype.element_ty), mask=ds < HD)
+
+
+@triton.jit
+def _first_max(x0, x1, x2, x3, v0, BV: tl.constexpr, best, idx):
+    """The running (largest value, its first index) of a row after its four blocks x0..x3 of BV values from index
+    v0: an elementwise pass over the blocks first (each lane's largest value and the first block holding it),
+    then one max and one min across the program, where four argmaxes would take eight reductions."""
+    m = x0
+    blk = tl.zeros([BV], tl.int32)
+    take = x1 > m
+    m, blk = tl.where(take, x1, m), tl.where(take, 1, blk)
+    take = x2 > m
+    m, blk = tl.where(take, x2, m), tl.where(take, 2, blk)
+    take = x3 > m
+    m, blk = tl.where(take, x3, m), tl.where(take, 3, blk)
+    top = tl.max(m, axis=0)
+    first = tl.min(tl.where(m == top, blk * BV + tl.arange(0, BV), 4 * BV), axis=0)
+    take = top > best  # a tie keeps the earlier index
+    return tl.where(take, top, best), tl.where(take, v0 + first, idx)
+
+
+@triton.jit
+def next_token_kernel(logits_ptr, s_lb, V, emb_ptr, h_ptr, s_hb, H, tok_ptr, s_tb, pos_ptr, z_ptr, NZ, B,
+                      BV: tl.constexpr, BH: tl.constexpr, BZ: tl.constexpr, PDL: tl.constexpr):
+    """Greedy decoding inside the step's chain of kernels, so that the next step follows with no other launch
+    between. Programs b < B: the next token of row b is the first index of its largest logit (torch.argmax's
+    choice on the same values; a NaN logit is passed over where argmax would pick it), written to tok[b], and
+    that token's embedding row to h[b], the next step's input; program 0 moves the position on by one. Programs
+    past B zero BZ elements each of the split layers' accumulators (NZ in all) for the next step. The row's
+    logits are read in blocks of 4 BV, the four loads issued before the first is reduced (_first_max)."""
+    _after_previous_kernel(PDL)
+    pid = tl.program_id(0)
+    if pid < B:
+        row = logits_ptr + pid.to(tl.int64) * s_lb
+        best = tl.full((), float("-inf"), tl.float32)
+        idx = tl.zeros((), tl.int32)
+        vs = tl.arange(0, BV)
+        for v0 in range(0, V, 4 * BV):
+            x0 = tl.load(row + v0 + vs, mask=v0 + vs < V, other=float("-inf"), cache_modifier=".cg")
+            x1 = tl.load(row + v0 + BV + vs, mask=v0 + BV + vs < V, other=float("-inf"), cache_modifier=".cg")
+            x2 = tl.load(row + v0 + 2 * BV + vs, mask=v0 + 2 * BV + vs < V, other=float("-inf"), cache_modifier=".cg")
+            x3 = tl.load(row + v0 + 3 * BV + vs, mask=v0 + 3 * BV + vs < V, other=float("-inf"), cache_modifier=".cg")
+            best, idx = _first_max(x0.to(tl.float32), x1.to(tl.float32), x2.to(tl.float32), x3.to(tl.float32), v0,
+                                   BV, best, idx)
+        tl.store(tok_ptr + pid * s_tb, idx.to(tl.int64))
+        hs = tl.arange(0, BH)
+        src = emb_ptr + idx.to(tl.int64) * H
+        for k0 in range(0, H, BH):
+            tl.store(h_ptr + pid * s_hb + k0 + hs, tl.load(src + k0 + hs, mask=k0 + hs < H), mask=k0 + hs < H)
+        if pid == 0:
+            tl.store(pos_ptr, tl.load(pos_ptr, cache_modifier=".cg") + 1)
+    else:
+        zs = (pid - B) * BZ + tl.arange(0, BZ)
+        tl.store(z_ptr + zs, tl.zeros((BZ,), tl.float32), mask=zs < NZ)

@@ -321,7 +321,7 @@ def test_router_folded_into_the_mamba_mixer_fp32():
     are made again), with an out_proj bias and top-1, and in bf16 (packed words)."""
     model = _decisive_routers(_model())
     folded = [i for i, layer in enumerate(model.model.layers) if layer.is_moe and not layer.is_attention]
-    assert not FusedDecodeStep(model, 1)._folds  # on request only (fused.FOLD_DEFAULT)
+    assert sorted(FusedDecodeStep(model, 1)._folds) == folded  # by default (fused.FOLD_DEFAULT)
     step = FusedDecodeStep(model, 1, fold_router=True)
     assert sorted(step._folds) == folded and len(folded) == 2
     step.fk = _Launches(step.fk)
@@ -357,6 +357,57 @@ def test_generator_fused_greedy_tokens_equal_static():
     static = generate(model, ids, max_new_tokens=6, temperature=0, mode="static", step="static")
     fused = generate(model, ids, max_new_tokens=6, temperature=0, mode="static", step="fused")
     assert torch.equal(static, fused)
+
+
+@pytest.mark.parametrize("V", [100, 64])
+def test_next_token_kernel_takes_torch_argmax_and_feeds_the_next_step(V):
+    """The greedy token is torch.argmax's (the first of tied largest logits, across the kernel's blocks and loop
+    iterations; a row of -inf gives 0), its embedding row becomes the next input, the position moves on by one and
+    the accumulators are zeroed (BZ elements per program, NZ not a multiple)."""
+    from openjamba.inference import fused_kernels as fk
+
+    torch.manual_seed(0)
+    logits = torch.randint(-4, 3, (3, V), device=DEVICE).to(torch.bfloat16)  # many ties
+    logits[1, [7, V - 1]] = 9.0  # the largest twice: the first wins
+    logits[2] = float("-inf")
+    emb = torch.randn(V, 24, device=DEVICE)
+    h = torch.zeros(3, 24, device=DEVICE)
+    tok = torch.full((3, 2), -1, dtype=torch.long, device=DEVICE)
+    pos = torch.tensor([5], device=DEVICE)
+    z = torch.ones(10, device=DEVICE)
+    fk.next_token_kernel[(3 + 3,)](logits, logits.stride(0), V, emb, h, h.stride(0), 24, tok[:, 1], tok.stride(0), pos,
+                                   z, 10, 3, BV=16, BH=16, BZ=4, PDL=False)
+    want = logits.argmax(-1)
+    assert want.tolist()[1:] == [7, 0] and torch.equal(tok[:, 1], want) and (tok[:, 0] == -1).all()
+    assert torch.equal(h, emb[want]) and int(pos) == 6 and not z.any()
+
+
+@pytest.mark.parametrize("step, batch", [("fused", 1), ("static", 2)])
+def test_greedy_blocks_equal_step_by_step_decoding(step, batch):
+    """Greedy decoding in blocks (with the fused step each token ends in next_token_kernel, which feeds the token
+    back, zeroes the split layers' accumulators and moves the position; the first layer here is attention, which
+    reads that position) gives the tokens of the step-by-step loop, across calls that start with a block, end with
+    a single step and start again, and with an EOS inside a block."""
+    model = _model(attn_layer_offset=0)
+    ids = torch.randint(0, 128, (batch, 5), device=DEVICE)
+    runs = []
+    for chain in (0, 2):
+        gen = Generator(model, batch, 32, mode="static", step=step, chain=chain)
+        tok = gen.prefill(ids).argmax(-1)
+        parts = []
+        for n in (3, 1, 2):  # a block and a step; a step; a block
+            parts.append(gen.decode_n_tokens(tok, n, check_every=8))
+            tok = parts[-1][:, -1]
+        assert gen.cache.length == 5 + 6 and int(gen.cache.pos) == 5 + 6
+        free = torch.cat(parts, 1)
+        gen.reset()
+        tok = gen.prefill(ids).argmax(-1)
+        eos = torch.tensor([int((runs[0][0] if runs else free)[0, 1])], device=DEVICE)  # the first block's second
+        runs.append((free, gen.decode_n_tokens(tok, 4, eos_ids=eos, pad_token_id=7, check_every=8)))
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert torch.equal(runs[0][1], runs[1][1])
+    first = runs[0][0][0].tolist().index(int(eos))
+    assert runs[1][1][0, first] == eos and (runs[1][1][0, first + 1:] == 7).all()
 
 
 def test_fused_step_is_chosen_visibly_and_refused_clearly(monkeypatch):
