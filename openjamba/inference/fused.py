@@ -14,7 +14,10 @@ weights. Per layer it runs:
                 experts) -> down_residual (down, weighted sum, residual)
 
 plus the embedding gather and norm_linear for the lm_head: 5 kernels for a Mamba layer with a dense MLP,
-6 with MoE, 6 or 7 for an attention layer. Kernels are in inference/fused_kernels.py.
+6 with MoE, 6 or 7 for an attention layer. Kernels are in inference/fused_kernels.py. Greedy decoding
+(`start_greedy`, then `greedy_token` per token) ends each step in next_token_kernel instead: the argmax, the next
+token's embedding as the next step's input, the position and the accumulators' reset, so consecutive tokens run
+as one chain of kernels (the Generator's blocks of greedy tokens, inference/engine.py).
 A program takes up to ROW_BLOCK rows; larger batches (up to MAX_BATCH) run as row blocks. The step is
 shape-static and reads nothing back to the host, so a CUDA graph captures it. It needs Triton on CUDA (or
 the CPU interpreter, TRITON_INTERPRET=1, for tests).
