@@ -323,6 +323,8 @@ class Generator:
         Greedy decoding runs in blocks of `chain` tokens (the module docstring), read back once per block
         (graph mode: where check_every is at least the block; elsewhere blocks of at most check_every)."""
         params = params or SamplingParams(0.0)
+        if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
+            raise ValueError(f"check_every must be an int >= 1 (steps between EOS read-backs), got {check_every!r}")
         B = token.shape[0]
         out = torch.empty(B, n, dtype=torch.long, device=self.device)
         if finished is None:

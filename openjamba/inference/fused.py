@@ -630,7 +630,7 @@ class FusedDecodeStep:
         of several of them decodes that many tokens per replay."""
         logits = self._layers(model, cache, self.h0)
         V = logits.shape[1]
-        BV = max(16, min(_pow2(V) // 4, 16384))  # jamba-1b's 64K logits: all four blocks in flight at once
+        BV = max(16, min(_pow2(V) // 4, 16384))  # up to 64K logits: one pass, its four blocks in flight at once
         BZ = 4096
         nz = self._zeroed.numel()
         self.fk.next_token_kernel[(self.B + -(-nz // BZ),)](

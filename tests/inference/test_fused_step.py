@@ -399,6 +399,8 @@ def test_greedy_blocks_equal_step_by_step_decoding(step, batch):
             parts.append(gen.decode_n_tokens(tok, n, check_every=8))
             tok = parts[-1][:, -1]
         assert gen.cache.length == 5 + 6 and int(gen.cache.pos) == 5 + 6
+        with pytest.raises(ValueError, match="check_every must be an int >= 1"):
+            gen.decode_n_tokens(tok, 2, check_every=0)
         free = torch.cat(parts, 1)
         gen.reset()
         tok = gen.prefill(ids).argmax(-1)
