@@ -2,9 +2,9 @@
 
 For each model and context length the cache is filled to `context` positions and `steps` tokens are timed
 through the Generator's greedy decoding (on a GPU the CUDA graph of a block of tokens). The context is
-synthetic: the cache's length is set to `context` without running a prefill. A decode step does the same work whatever the cached values
-are (attention reads the whole buffer either way), and skipping prefill lets one run cover 1K ... 1M
-tokens for three models in a minute or two. Batch 1 and the largest batch the memory planner admits (up to
+synthetic: the cache's length is set to `context` without running a prefill. A decode step does the same
+work whatever the cached values are, and skipping prefill lets one run cover 1K ... 1M tokens for three
+models in a minute or two. Batch 1 and the largest batch the memory planner admits (up to
 --max-batch) are measured. Each point records tokens/s, ms/step, the bytes a step must move and the
 achieved fraction of the memory-bandwidth roofline.
 """
