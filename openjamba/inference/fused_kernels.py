@@ -988,6 +988,13 @@ def attn_combine_kernel(acc_ptr, ml_ptr, out_ptr, HKV, G, HD, NS,
 
 
 @triton.jit
+def _logit_block(row, start, vs, V):
+    """Logits row[start + vs] as fp32, -inf past V and where a logit is NaN (a NaN is never the greedy token)."""
+    x = tl.load(row + start + vs, mask=start + vs < V, other=float("-inf"), cache_modifier=".cg").to(tl.float32)
+    return tl.where(x == x, x, float("-inf"))
+
+
+@triton.jit
 def _first_max(x0, x1, x2, x3, v0, BV: tl.constexpr, best, idx):
     """The running (largest value, its first index) of a row after its four blocks x0..x3 of BV values from index
     v0: an elementwise pass over the blocks first (each lane's largest value and the first block holding it),
@@ -1011,10 +1018,11 @@ def next_token_kernel(logits_ptr, s_lb, V, emb_ptr, h_ptr, s_hb, H, tok_ptr, s_t
                       BV: tl.constexpr, BH: tl.constexpr, BZ: tl.constexpr, PDL: tl.constexpr):
     """Greedy decoding inside the step's chain of kernels, so that the next step follows with no other launch
     between. Programs b < B: the next token of row b is the first index of its largest logit (torch.argmax's
-    choice on the same values; a NaN logit is passed over where argmax would pick it), written to tok[b], and
-    that token's embedding row to h[b], the next step's input; program 0 moves the position on by one. Programs
-    past B zero BZ elements each of the split layers' accumulators (NZ in all) for the next step. The row's
-    logits are read in blocks of 4 BV, the four loads issued before the first is reduced (_first_max)."""
+    choice on the same values, except that NaN logits are passed over where argmax would pick the first NaN),
+    written to tok[b], and that token's embedding row to h[b], the next step's input; program 0 moves the
+    position on by one. Programs past B zero BZ elements each of the split layers' accumulators (NZ in all) for
+    the next step. The row's logits are read in blocks of 4 BV, the four loads issued before the first is reduced
+    (_first_max)."""
     _after_previous_kernel(PDL)
     pid = tl.program_id(0)
     if pid < B:
@@ -1023,12 +1031,9 @@ def next_token_kernel(logits_ptr, s_lb, V, emb_ptr, h_ptr, s_hb, H, tok_ptr, s_t
         idx = tl.zeros((), tl.int32)
         vs = tl.arange(0, BV)
         for v0 in range(0, V, 4 * BV):
-            x0 = tl.load(row + v0 + vs, mask=v0 + vs < V, other=float("-inf"), cache_modifier=".cg")
-            x1 = tl.load(row + v0 + BV + vs, mask=v0 + BV + vs < V, other=float("-inf"), cache_modifier=".cg")
-            x2 = tl.load(row + v0 + 2 * BV + vs, mask=v0 + 2 * BV + vs < V, other=float("-inf"), cache_modifier=".cg")
-            x3 = tl.load(row + v0 + 3 * BV + vs, mask=v0 + 3 * BV + vs < V, other=float("-inf"), cache_modifier=".cg")
-            best, idx = _first_max(x0.to(tl.float32), x1.to(tl.float32), x2.to(tl.float32), x3.to(tl.float32), v0,
-                                   BV, best, idx)
+            best, idx = _first_max(_logit_block(row, v0, vs, V), _logit_block(row, v0 + BV, vs, V),
+                                   _logit_block(row, v0 + 2 * BV, vs, V), _logit_block(row, v0 + 3 * BV, vs, V),
+                                   v0, BV, best, idx)
         tl.store(tok_ptr + pid * s_tb, idx.to(tl.int64))
         hs = tl.arange(0, BH)
         src = emb_ptr + idx.to(tl.int64) * H

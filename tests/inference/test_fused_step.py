@@ -362,23 +362,28 @@ def test_generator_fused_greedy_tokens_equal_static():
 @pytest.mark.parametrize("V", [100, 64])
 def test_next_token_kernel_takes_torch_argmax_and_feeds_the_next_step(V):
     """The greedy token is torch.argmax's (the first of tied largest logits, across the kernel's blocks and loop
-    iterations; a row of -inf gives 0), its embedding row becomes the next input, the position moves on by one and
-    the accumulators are zeroed (BZ elements per program, NZ not a multiple)."""
+    iterations; a row of -inf gives 0), except that a NaN logit is passed over (argmax would pick it); its
+    embedding row becomes the next input, the position moves on by one and the accumulators are zeroed (BZ
+    elements per program, NZ not a multiple)."""
     from openjamba.inference import fused_kernels as fk
 
     torch.manual_seed(0)
-    logits = torch.randint(-4, 3, (3, V), device=DEVICE).to(torch.bfloat16)  # many ties
+    logits = torch.randint(-4, 3, (4, V), device=DEVICE).to(torch.bfloat16)  # many ties
     logits[1, [7, V - 1]] = 9.0  # the largest twice: the first wins
     logits[2] = float("-inf")
+    logits[3, [4, 20]] = float("nan")  # lane 4 of the kernel's first two blocks of 16
+    logits[3, 36] = 9.0  # the largest, in lane 4 of the third block: behind those NaNs
     emb = torch.randn(V, 24, device=DEVICE)
-    h = torch.zeros(3, 24, device=DEVICE)
-    tok = torch.full((3, 2), -1, dtype=torch.long, device=DEVICE)
+    h = torch.zeros(4, 24, device=DEVICE)
+    tok = torch.full((4, 2), -1, dtype=torch.long, device=DEVICE)
     pos = torch.tensor([5], device=DEVICE)
     z = torch.ones(10, device=DEVICE)
-    fk.next_token_kernel[(3 + 3,)](logits, logits.stride(0), V, emb, h, h.stride(0), 24, tok[:, 1], tok.stride(0), pos,
-                                   z, 10, 3, BV=16, BH=16, BZ=4, PDL=False)
+    fk.next_token_kernel[(4 + 3,)](logits, logits.stride(0), V, emb, h, h.stride(0), 24, tok[:, 1], tok.stride(0), pos,
+                                   z, 10, 4, BV=16, BH=16, BZ=4, PDL=False)
     want = logits.argmax(-1)
-    assert want.tolist()[1:] == [7, 0] and torch.equal(tok[:, 1], want) and (tok[:, 0] == -1).all()
+    assert want.tolist()[1:] == [7, 0, 4]  # torch.argmax picks row 3's first NaN
+    want[3] = 36
+    assert torch.equal(tok[:, 1], want) and (tok[:, 0] == -1).all()
     assert torch.equal(h, emb[want]) and int(pos) == 6 and not z.any()
 
 

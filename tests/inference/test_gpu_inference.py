@@ -5,6 +5,7 @@ import torch
 
 from openjamba import JambaConfig, JambaForCausalLM
 from openjamba.inference import Generator, SamplingParams, generate, sample
+from test_fused_step import _decisive_routers
 
 pytestmark = pytest.mark.gpu
 
@@ -188,10 +189,7 @@ def test_packed_words_at_real_size_bf16(split):
     cfg = JambaConfig.from_name("jamba-1b", num_hidden_layers=8)
     with torch.device("cuda"):
         exact = JambaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for layer in exact.model.layers:
-            if layer.is_moe:
-                layer.feed_forward.router.weight.mul_(30.0)
+    _decisive_routers(exact)
     model = JambaForCausalLM(cfg).to(device="cuda", dtype=torch.bfloat16).eval()
     model.load_state_dict({k: v.to(torch.bfloat16) for k, v in exact.state_dict().items()})
     packed, elements = (FusedDecodeStep(model, 1, split=split, pack=p) for p in (True, False))
